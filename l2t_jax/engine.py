@@ -1,0 +1,392 @@
+"""The unroll engine: student steps under `lax.scan`, remat policies, meta-gradients.
+
+A student trains by a pure step `step(meta_params, state, batch) -> (state, metrics)`.
+Its loss is a function of `meta_params` (whatever a teacher controls), so the gradient of
+any objective of the trained student with respect to `meta_params`, taken through
+`unroll`, is the exact meta-gradient. Nothing here knows which method it runs.
+
+Memory policies (`remat`), all giving the same gradient:
+
+* ``"none"``: plain `lax.scan`. The backward pass keeps every step's residuals
+  (activations and intermediate values of the inner gradient): fastest, memory O(T).
+* ``"step"``: `jax.checkpoint` around each step. Only the carry (student state) is kept
+  per step and the step is recomputed in the backward pass: about one extra forward step
+  per step, memory O(T * |state|). When the state (parameters plus optimizer state) is
+  larger than a step's activations this can *use more* memory than ``"none"``.
+* ``"sqrt"``: the T steps are cut into chunks of about sqrt(T) steps; an outer scan over
+  chunks keeps only the state at chunk boundaries and each chunk is recomputed (with its
+  residuals) in the backward pass: about one extra forward unroll, memory
+  O(sqrt(T) * (|state| + residuals)).
+
+`benchmarks/remat_memory.py` measures the trade-off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple, Protocol
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from l2t_jax.errors import ConfigError
+
+PyTree = Any
+Batch = dict[str, jax.Array]
+# loss_fn(meta_params, logits, labels, state) -> scalar, with `state` the student before
+# the step (its `step` counter and anything else a loss family reads).
+LossFn = Callable[[PyTree, jax.Array, jax.Array, "StudentState"], jax.Array]
+StepFn = Callable[[PyTree, "StudentState", Batch], tuple["StudentState", dict]]
+# objective(meta_params, final_state) -> (scalar to minimise, aux)
+Objective = Callable[[PyTree, "StudentState"], tuple[jax.Array, Any]]
+AugmentFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+REMAT_POLICIES = ("none", "step", "sqrt")
+
+
+@flax.struct.dataclass
+class StudentState:
+    """Everything a student carries through the inner loop.
+
+    Attributes:
+        params: trainable parameters (a Flax ``params`` collection).
+        model_state: the other mutable collections, e.g. ``{"batch_stats": ...}``;
+            ``{}`` for a student without BatchNorm.
+        opt_state: the inner optax optimizer's state.
+        step: int32 scalar, inner steps taken so far.
+        rng: PRNG key for augmentation and dropout; split at every step.
+    """
+
+    params: PyTree
+    model_state: PyTree
+    opt_state: PyTree
+    step: jax.Array
+    rng: jax.Array
+
+
+def init_student_state(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    rng: jax.Array,
+    sample_x: jax.Array,
+) -> StudentState:
+    """Initialises a student's parameters, model state and optimizer state.
+
+    Args:
+        model: the Flax student.
+        tx: the inner optimizer.
+        rng: PRNG key; split into an init key and the state's own key.
+        sample_x: one input batch (any batch size) fixing the input shape.
+
+    Returns:
+        The student at step 0.
+    """
+    init_rng, state_rng = jax.random.split(rng)
+    variables = model.init(init_rng, sample_x, train=False)
+    params = variables["params"]
+    model_state = {k: v for k, v in variables.items() if k != "params"}
+    return StudentState(
+        params=params,
+        model_state=model_state,
+        opt_state=tx.init(params),
+        step=jnp.zeros((), jnp.int32),
+        rng=state_rng,
+    )
+
+
+def apply_student(
+    model: nn.Module,
+    params: PyTree,
+    model_state: PyTree,
+    x: jax.Array,
+    *,
+    train: bool,
+    rng: jax.Array | None = None,
+) -> tuple[jax.Array, PyTree]:
+    """Runs the student; in train mode also returns its updated model state.
+
+    Args:
+        model: the Flax student.
+        params: its parameters.
+        model_state: its non-trainable collections (BatchNorm statistics).
+        x: inputs (B, ...).
+        train: train mode (batch statistics, dropout) or eval mode.
+        rng: dropout key, used in train mode.
+
+    Returns:
+        ``(logits (B, C), model_state)``; in eval mode the model state is unchanged.
+    """
+    variables = {"params": params, **model_state}
+    if not train:
+        return model.apply(variables, x, train=False), model_state
+    rngs = {"dropout": rng} if rng is not None else {}
+    logits, new_state = model.apply(
+        variables, x, train=True, mutable=list(model_state), rngs=rngs
+    )
+    return logits, dict(new_state)
+
+
+def make_student_step(
+    model: nn.Module,
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    augment_fn: AugmentFn | None = None,
+) -> StepFn:
+    """Builds the pure inner step of a student trained on a teacher-controlled loss.
+
+    Args:
+        model: the Flax student.
+        loss_fn: ``loss_fn(meta_params, logits, labels, state) -> scalar``.
+        tx: the inner optax optimizer.
+        augment_fn: optional ``augment_fn(key, x) -> x`` applied to each batch.
+
+    Returns:
+        ``step(meta_params, state, batch) -> (state, metrics)`` where ``batch`` has
+        ``"x"`` (B, ...) and ``"y"`` (B,), and ``metrics`` has the step's ``loss`` and
+        minibatch ``accuracy`` (both measured before the update).
+    """
+
+    def step(meta_params, state: StudentState, batch: Batch):
+        rng, aug_rng, dropout_rng = jax.random.split(state.rng, 3)
+        x = batch["x"] if augment_fn is None else augment_fn(aug_rng, batch["x"])
+
+        def student_loss(params):
+            logits, model_state = apply_student(
+                model, params, state.model_state, x, train=True, rng=dropout_rng
+            )
+            return loss_fn(meta_params, logits, batch["y"], state), (logits, model_state)
+
+        (loss, (logits, model_state)), grads = jax.value_and_grad(
+            student_loss, has_aux=True
+        )(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        # Flax keeps BatchNorm statistics in float32 whatever the layer dtype; keep the
+        # carry's dtypes fixed so `lax.scan` sees the same type every step.
+        model_state = jax.tree_util.tree_map(
+            lambda new, old: new.astype(old.dtype), model_state, state.model_state
+        )
+        new_state = StudentState(
+            params=optax.apply_updates(state.params, updates),
+            model_state=model_state,
+            opt_state=opt_state,
+            step=state.step + 1,
+            rng=rng,
+        )
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["y"])
+        return new_state, {"loss": loss, "accuracy": accuracy}
+
+    return step
+
+
+def sqrt_chunk_size(num_steps: int) -> int:
+    """The chunk length used by the ``"sqrt"`` policy: round(sqrt(T)), at least 1."""
+    return max(1, round(math.sqrt(num_steps)))
+
+
+def _num_steps(batches: PyTree) -> int:
+    return jax.tree_util.tree_leaves(batches)[0].shape[0]
+
+
+def unroll(
+    step_fn: StepFn,
+    meta_params: PyTree,
+    state: StudentState,
+    batches: PyTree,
+    *,
+    remat: str = "none",
+    chunk_size: int | None = None,
+) -> tuple[StudentState, dict]:
+    """Runs T student steps with `lax.scan`; differentiable in `meta_params`.
+
+    Args:
+        step_fn: the pure inner step (see `make_student_step`).
+        meta_params: the teacher-controlled parameters the loss reads.
+        state: the student at the start.
+        batches: a pytree of arrays stacked along a leading T axis.
+        remat: memory policy, one of `REMAT_POLICIES` (see the module docstring).
+        chunk_size: chunk length for ``"sqrt"``; defaults to `sqrt_chunk_size(T)`.
+            T need not be a multiple of it: the remainder runs as a last short chunk.
+
+    Returns:
+        ``(final_state, metrics)`` with each metric stacked along T.
+    """
+    if remat not in REMAT_POLICIES:
+        raise ConfigError(f"unknown remat policy {remat!r}; choose one of {REMAT_POLICIES}")
+
+    def body(s, batch):
+        return step_fn(meta_params, s, batch)
+
+    if remat == "none":
+        return jax.lax.scan(body, state, batches)
+    if remat == "step":
+        # prevent_cse=False: inside scan there is nothing for XLA to CSE across steps.
+        return jax.lax.scan(jax.checkpoint(body, prevent_cse=False), state, batches)
+
+    num_steps = _num_steps(batches)
+    chunk = chunk_size or sqrt_chunk_size(num_steps)
+    num_chunks, remainder = divmod(num_steps, chunk)
+
+    @jax.checkpoint
+    def run_chunk(s, chunk_batches):
+        return jax.lax.scan(body, s, chunk_batches)
+
+    head = jax.tree_util.tree_map(
+        lambda a: a[: num_chunks * chunk].reshape((num_chunks, chunk) + a.shape[1:]),
+        batches,
+    )
+    state, metrics = jax.lax.scan(run_chunk, state, head)
+    metrics = jax.tree_util.tree_map(
+        lambda a: a.reshape((num_chunks * chunk,) + a.shape[2:]), metrics
+    )
+    if remainder:
+        tail = jax.tree_util.tree_map(lambda a: a[num_chunks * chunk :], batches)
+        state, tail_metrics = run_chunk(state, tail)
+        metrics = jax.tree_util.tree_map(
+            lambda a, b: jnp.concatenate([a, b]), metrics, tail_metrics
+        )
+    return state, metrics
+
+
+class MetaGradient(NamedTuple):
+    """What an estimator returns.
+
+    Attributes:
+        value: the objective after the unroll (scalar).
+        grad: its gradient with respect to `meta_params` (same pytree structure).
+        state: the student at the end of the unroll (no gradient flows from it).
+        metrics: per-step inner metrics, stacked along T.
+        aux: the objective's auxiliary output.
+    """
+
+    value: jax.Array
+    grad: PyTree
+    state: StudentState
+    metrics: dict
+    aux: Any
+
+
+class Estimator(Protocol):
+    """Estimates d objective(unroll(meta_params, state, batches)) / d meta_params."""
+
+    def __call__(
+        self,
+        step_fn: StepFn,
+        objective: Objective,
+        meta_params: PyTree,
+        state: StudentState,
+        batches: PyTree,
+    ) -> MetaGradient: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class FullBackprop:
+    """Exact meta-gradient: reverse mode through all T steps.
+
+    Attributes:
+        remat: memory policy for the unroll (`REMAT_POLICIES`).
+        chunk_size: chunk length for ``remat="sqrt"`` (None: about sqrt(T)).
+    """
+
+    remat: str = "none"
+    chunk_size: int | None = None
+
+    def __call__(self, step_fn, objective, meta_params, state, batches) -> MetaGradient:
+        def meta_loss(mp):
+            final, metrics = unroll(
+                step_fn, mp, state, batches, remat=self.remat, chunk_size=self.chunk_size
+            )
+            value, aux = objective(mp, final)
+            return value, (final, metrics, aux)
+
+        (value, (final, metrics, aux)), grad = jax.value_and_grad(
+            meta_loss, has_aux=True
+        )(meta_params)
+        return MetaGradient(value, grad, jax.lax.stop_gradient(final), metrics, aux)
+
+
+@dataclasses.dataclass(frozen=True)
+class TruncatedBackprop:
+    """Meta-gradient through the last `window` of the T steps only.
+
+    The first T - window steps run forward under the same `meta_params` but outside the
+    differentiated function, so their memory is never kept; the student continues from
+    there and the gradient flows through the last `window` steps. This is exact when
+    window >= T and a biased, bounded-memory estimate otherwise: the usual way to teach
+    over long trainings (call it on consecutive stretches of K steps to update the
+    teacher every K steps while one student trains to the end).
+
+    Attributes:
+        window: how many final steps the gradient flows through (>= 1).
+        remat: memory policy for the differentiated window.
+        chunk_size: chunk length for ``remat="sqrt"``.
+    """
+
+    window: int
+    remat: str = "none"
+    chunk_size: int | None = None
+
+    def __post_init__(self):
+        if self.window < 1:
+            raise ConfigError(f"truncation window must be >= 1, got {self.window}")
+
+    def __call__(self, step_fn, objective, meta_params, state, batches) -> MetaGradient:
+        num_steps = _num_steps(batches)
+        prefix = max(0, num_steps - self.window)
+        prefix_metrics = None
+        if prefix:
+            head = jax.tree_util.tree_map(lambda a: a[:prefix], batches)
+            batches = jax.tree_util.tree_map(lambda a: a[prefix:], batches)
+            state, prefix_metrics = unroll(
+                step_fn, jax.lax.stop_gradient(meta_params), state, head
+            )
+        result = FullBackprop(self.remat, self.chunk_size)(
+            step_fn, objective, meta_params, state, batches
+        )
+        if prefix_metrics is None:
+            return result
+        metrics = jax.tree_util.tree_map(
+            lambda a, b: jnp.concatenate([a, b]), prefix_metrics, result.metrics
+        )
+        return result._replace(metrics=metrics)
+
+
+ESTIMATORS = ("full", "truncated")
+
+
+def make_estimator(config) -> Estimator:
+    """Builds an estimator from an ``engine`` config.
+
+    Args:
+        config: ConfigDict with ``estimator`` (``"full"`` | ``"truncated"``), ``remat``,
+            optional ``chunk_size`` and, for ``"truncated"``, ``window``.
+
+    Returns:
+        The estimator.
+    """
+    validate_engine_config(config)
+    chunk_size = config.get("chunk_size") or None
+    if config.estimator == "full":
+        return FullBackprop(config.remat, chunk_size)
+    return TruncatedBackprop(config.window, config.remat, chunk_size)
+
+
+def validate_engine_config(config) -> None:
+    """Raises a one-line ConfigError for a bad ``engine`` config."""
+    if config.get("remat", "none") not in REMAT_POLICIES:
+        raise ConfigError(
+            f"unknown config.engine.remat {config.remat!r}; choose one of {REMAT_POLICIES}"
+        )
+    estimator = config.get("estimator", "full")
+    if estimator not in ESTIMATORS:
+        raise ConfigError(
+            f"unknown config.engine.estimator {estimator!r}; choose one of {ESTIMATORS}"
+        )
+    if estimator == "truncated" and not config.get("window", 0) >= 1:
+        raise ConfigError("config.engine.window must be an integer >= 1 for 'truncated'")
+    chunk_size = config.get("chunk_size")
+    if chunk_size is not None and chunk_size < 0:
+        raise ConfigError("config.engine.chunk_size must be >= 1 (or 0/None for sqrt(T))")

@@ -1,0 +1,105 @@
+"""Inner (student) optimizers built from config: SGD, momentum SGD, Adam.
+
+All are plain optax transformations, differentiable end to end, so meta-gradients flow
+through the optimizer's state. Adam divides by sqrt(v + eps_root) + eps; with
+``eps_root = 0`` the derivative of that square root is infinite wherever a gradient
+coordinate is exactly zero (v = 0), and the meta-gradient becomes NaN. The default
+``eps_root`` is therefore 1e-8, and it must be > 0.
+"""
+
+from __future__ import annotations
+
+import optax
+
+from l2t_jax.errors import ConfigError
+
+OPTIMIZER_NAMES = ("sgd", "momentum", "adam")
+SCHEDULE_NAMES = ("constant", "cosine", "step")
+
+
+def validate_optimizer_config(config) -> None:
+    """Raises a one-line ConfigError for a bad ``optimizer`` config."""
+    if config.name not in OPTIMIZER_NAMES:
+        raise ConfigError(
+            f"unknown config.optimizer.name {config.name!r}; choose one of {OPTIMIZER_NAMES}"
+        )
+    if not config.learning_rate > 0:
+        raise ConfigError(
+            f"config.optimizer.learning_rate must be > 0, got {config.learning_rate}"
+        )
+    if not 0 <= config.get("momentum", 0.9) < 1:
+        raise ConfigError("config.optimizer.momentum must be in [0, 1)")
+    if config.name == "adam" and not config.get("eps_root", 1e-8) > 0:
+        raise ConfigError(
+            "config.optimizer.eps_root must be > 0 for Adam (sqrt(v) has an infinite "
+            "derivative at v = 0, which makes meta-gradients NaN); use e.g. 1e-8"
+        )
+    if config.get("weight_decay", 0.0) < 0:
+        raise ConfigError("config.optimizer.weight_decay must be >= 0")
+    schedule = config.get("schedule", "constant")
+    if schedule not in SCHEDULE_NAMES:
+        raise ConfigError(
+            f"unknown config.optimizer.schedule {schedule!r}; choose one of {SCHEDULE_NAMES}"
+        )
+    if schedule == "step" and not all(b > 0 for b in config.get("boundaries", ())):
+        raise ConfigError("config.optimizer.boundaries must be positive step numbers")
+
+
+def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:
+    """The learning rate as a function of the inner step.
+
+    Args:
+        config: ``optimizer`` ConfigDict: ``learning_rate``, ``schedule`` (``"constant"``,
+            ``"cosine"`` decay to 0 over `total_steps`, or ``"step"``: multiply by
+            ``decay_factor`` at each of ``boundaries`` steps).
+        total_steps: the length of the student's training.
+
+    Returns:
+        An optax schedule.
+    """
+    lr = config.learning_rate
+    schedule = config.get("schedule", "constant")
+    if schedule == "cosine":
+        return optax.cosine_decay_schedule(lr, max(1, total_steps))
+    if schedule == "step":
+        factor = config.get("decay_factor", 0.1)
+        return optax.piecewise_constant_schedule(
+            lr, {int(b): factor for b in config.get("boundaries", ())}
+        )
+    return optax.constant_schedule(lr)
+
+
+def make_inner_optimizer(config, total_steps: int) -> optax.GradientTransformation:
+    """Builds the student's optimizer.
+
+    Args:
+        config: ``optimizer`` ConfigDict: ``name`` in `OPTIMIZER_NAMES`,
+            ``learning_rate``, optional ``momentum`` (0.9), ``nesterov`` (False),
+            ``b1`` (0.9), ``b2`` (0.999), ``eps`` (1e-8), ``eps_root`` (1e-8),
+            ``weight_decay`` (0: coupled L2 added to the gradient, as in SGD papers),
+            and the schedule fields of `learning_rate_schedule`.
+        total_steps: the length of the student's training (for decaying schedules).
+
+    Returns:
+        An optax GradientTransformation.
+    """
+    validate_optimizer_config(config)
+    lr = learning_rate_schedule(config, total_steps)
+    if config.name == "sgd":
+        tx = optax.sgd(lr)
+    elif config.name == "momentum":
+        tx = optax.sgd(
+            lr, momentum=config.get("momentum", 0.9), nesterov=config.get("nesterov", False)
+        )
+    else:
+        tx = optax.adam(
+            lr,
+            b1=config.get("b1", 0.9),
+            b2=config.get("b2", 0.999),
+            eps=config.get("eps", 1e-8),
+            eps_root=config.get("eps_root", 1e-8),
+        )
+    weight_decay = config.get("weight_decay", 0.0)
+    if weight_decay:
+        tx = optax.chain(optax.add_decayed_weights(weight_decay), tx)
+    return tx

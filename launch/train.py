@@ -1,0 +1,41 @@
+r"""Trains as a config says, resuming from the latest checkpoint in --workdir.
+
+  python -m launch.train --config=configs/ce_baseline.py[:variant] --workdir=DIR \
+      [--config.train.num_steps=500 ...]
+
+Writes DIR/metrics.jsonl, DIR/tensorboard/, DIR/checkpoints/ and DIR/summary.json.
+"""
+
+import logging as std_logging
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from l2t_jax import train
+from l2t_jax.errors import ConfigError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (configs/*.py[:arg]).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _only_our_info(record) -> bool:
+    """Keeps warnings from everyone but INFO lines only from this project (not orbax's)."""
+    return record.levelno >= std_logging.WARNING or "l2t_jax" in record.pathname
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().python_handler.addFilter(_only_our_info)
+    logging.info("config:\n%s", _CONFIG.value)
+    try:
+        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except ConfigError as e:  # bad input: one line saying what to change, no traceback
+        raise app.UsageError(str(e)) from None
+
+
+if __name__ == "__main__":
+    app.run(main)
