@@ -160,7 +160,8 @@ def _evaluate_splits(method, state: dict, splits: data.Splits, batch_size: int) 
 def _evaluate(method, state: dict, splits: data.Splits, train_cfg, step: int) -> dict:
     """Evaluates on dev and test and updates the dev-selected best record in `state`."""
     scalars = _evaluate_splits(method, state, splits, train_cfg.eval_batch_size)
-    if scalars["dev/error"] < float(state["best"]["dev_error"]):
+    # Compared in float32, the checkpointed precision, so ties keep the earlier step.
+    if np.float32(scalars["dev/error"]) < np.float32(state["best"]["dev_error"]):
         state["best"] = {
             "dev_error": jnp.asarray(scalars["dev/error"], jnp.float32),
             "test_error": jnp.asarray(scalars["test/error"], jnp.float32),

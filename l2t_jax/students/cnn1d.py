@@ -1,0 +1,66 @@
+"""Small 1-D CNN for MNIST-1D, after the MNIST-1D paper's ConvBase.
+
+Three ReLU convolutions with `channels` filters (kernel 5, 3, 3; stride 2; padding 1),
+then flatten and a linear read-out. A length-40 signal leaves 5 positions, so
+5 x 25 = 125 features feed the classifier, as in the paper. Flax's default initialisers
+(LeCun-normal kernels, zero biases).
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+
+class CNN1D(nn.Module):
+    """1-D convolutional classifier.
+
+    Attributes:
+      num_classes: number of logits.
+      channels: filters in each convolution.
+      dtype: parameter and computation dtype.
+    """
+
+    num_classes: int
+    channels: int = 25
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Returns logits (B, num_classes) for signals (B, L) or (B, L, 1).
+
+        `train` is unused (no BatchNorm or dropout).
+        """
+        x = jnp.asarray(x, self.dtype)
+        if x.ndim == 2:
+            x = x[..., None]
+        for kernel in (5, 3, 3):
+            x = nn.Conv(
+                self.channels,
+                (kernel,),
+                strides=2,
+                padding=1,
+                dtype=self.dtype,
+                param_dtype=self.dtype,
+            )(x)
+            x = nn.relu(x)
+        x = x.reshape(x.shape[0], -1)
+        return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.dtype)(x)
+
+
+def build(config: ml_collections.ConfigDict, num_classes: int, dtype: Any) -> CNN1D:
+    """Builds a `CNN1D` with `config.channels` filters (default 25).
+
+    Args:
+      config: student config.
+      num_classes: number of logits.
+      dtype: parameter and computation dtype.
+
+    Returns:
+      The module.
+    """
+    return CNN1D(
+        num_classes=num_classes, channels=int(config.get("channels", 25)), dtype=dtype
+    )
