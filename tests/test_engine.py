@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from l2t_jax import engine, optimizers
@@ -266,3 +267,20 @@ def test_bad_engine_config_is_rejected_with_a_clear_message():
         ml_collections.ConfigDict({"estimator": "truncated", "remat": "sqrt", "window": 4})
     )
     assert estimator == engine.TruncatedBackprop(4, "sqrt")
+
+
+def test_each_step_draws_a_fresh_key_for_augmentation():
+    step_fn, objective, meta_params, state, batches = make_problem("sgd")
+    del step_fn, objective
+    model = build_student(ml_collections.ConfigDict({"name": "mlp", "hidden": (16,)}),
+                          NUM_CLASSES)
+    frozen = optax.sgd(0.0)  # the student never changes: only the augmentation can
+    state = state.replace(opt_state=frozen.init(state.params))
+    step_fn = engine.make_student_step(
+        model, weighted_tempered_ce, frozen,
+        augment_fn=lambda key, x: x + jax.random.normal(key, x.shape),
+    )
+    same_batch = jax.tree_util.tree_map(lambda a: jnp.stack([a[0]] * 4), batches)
+    final, metrics = engine.unroll(step_fn, meta_params, state, same_batch)
+    assert len(set(np.asarray(metrics["loss"]).round(6).tolist())) == 4
+    assert not np.array_equal(final.rng, state.rng)
