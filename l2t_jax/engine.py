@@ -44,6 +44,7 @@ StepFn = Callable[[PyTree, "StudentState", Batch], tuple["StudentState", dict]]
 # objective(meta_params, final_state) -> (scalar to minimise, aux)
 Objective = Callable[[PyTree, "StudentState"], tuple[jax.Array, Any]]
 AugmentFn = Callable[[jax.Array, jax.Array], jax.Array]
+StatsFn = Callable[["StudentState", dict], PyTree]
 
 REMAT_POLICIES = ("none", "step", "sqrt")
 
@@ -59,6 +60,8 @@ class StudentState:
         opt_state: the inner optax optimizer's state.
         step: int32 scalar, inner steps taken so far.
         rng: PRNG key for augmentation and dropout; split at every step.
+        stats: running statistics of the training that a loss family or teacher reads
+            (e.g. a running train loss); ``{}`` when nothing is tracked.
     """
 
     params: PyTree
@@ -66,6 +69,7 @@ class StudentState:
     opt_state: PyTree
     step: jax.Array
     rng: jax.Array
+    stats: PyTree = flax.struct.field(default_factory=dict)
 
 
 def init_student_state(
@@ -73,6 +77,7 @@ def init_student_state(
     tx: optax.GradientTransformation,
     rng: jax.Array,
     sample_x: jax.Array,
+    stats: PyTree | None = None,
 ) -> StudentState:
     """Initialises a student's parameters, model state and optimizer state.
 
@@ -81,6 +86,7 @@ def init_student_state(
         tx: the inner optimizer.
         rng: PRNG key; split into an init key and the state's own key.
         sample_x: one input batch (any batch size) fixing the input shape.
+        stats: initial running statistics (see `StudentState.stats`); default ``{}``.
 
     Returns:
         The student at step 0.
@@ -95,6 +101,7 @@ def init_student_state(
         opt_state=tx.init(params),
         step=jnp.zeros((), jnp.int32),
         rng=state_rng,
+        stats={} if stats is None else stats,
     )
 
 
@@ -135,6 +142,7 @@ def make_student_step(
     loss_fn: LossFn,
     tx: optax.GradientTransformation,
     augment_fn: AugmentFn | None = None,
+    stats_fn: StatsFn | None = None,
 ) -> StepFn:
     """Builds the pure inner step of a student trained on a teacher-controlled loss.
 
@@ -143,11 +151,13 @@ def make_student_step(
         loss_fn: ``loss_fn(meta_params, logits, labels, state) -> scalar``.
         tx: the inner optax optimizer.
         augment_fn: optional ``augment_fn(key, x) -> x`` applied to each batch.
+        stats_fn: optional ``stats_fn(new_state, metrics) -> stats`` updating the
+            running statistics after each step (otherwise they are carried unchanged).
 
     Returns:
         ``step(meta_params, state, batch) -> (state, metrics)`` where ``batch`` has
-        ``"x"`` (B, ...) and ``"y"`` (B,), and ``metrics`` has the step's ``loss`` and
-        minibatch ``accuracy`` (both measured before the update).
+        ``"x"`` (B, ...) and ``"y"`` (B,), and ``metrics`` has the step's ``loss``, its
+        minibatch ``accuracy`` and ``cross_entropy`` (all measured before the update).
     """
 
     def step(meta_params, state: StudentState, batch: Batch):
@@ -175,9 +185,19 @@ def make_student_step(
             opt_state=opt_state,
             step=state.step + 1,
             rng=rng,
+            stats=state.stats,
         )
-        accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["y"])
-        return new_state, {"loss": loss, "accuracy": accuracy}
+        metrics = {
+            "loss": loss,
+            "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["y"]),
+            # Cross-entropy is reported whatever the loss, so runs can be compared.
+            "cross_entropy": jnp.mean(
+                optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+            ),
+        }
+        if stats_fn is not None:
+            new_state = new_state.replace(stats=stats_fn(new_state, metrics))
+        return new_state, metrics
 
     return step
 

@@ -1,14 +1,24 @@
-"""The training driver: outer loop, evaluation, checkpoints, metrics, progress.
+"""The training driver: phases of outer steps, evaluation, checkpoints, metrics, progress.
+
+A run has one or two phases, each resumable on its own:
+
+1. ``teacher`` (L2T-DLF with ``teacher.num_episodes`` > 0): episodes of T student steps,
+   one teacher update each, in ``workdir/teacher``.
+2. ``student``: the reported student trained for ``train.num_steps`` steps (on CE, or
+   under the taught or untaught teacher), evaluated on dev and test; the test error is
+   the one at the step with the lowest dev error. Written to ``workdir``.
 
 Nothing below this module knows about files, flags or logging.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -20,21 +30,21 @@ from l2t_jax.errors import ConfigError
 from l2t_jax.students import build_student
 
 SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.json"
+TEACHER_DIR = "teacher"
+TEACHER_PARAMS_FILE = "teacher_params.npz"
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Checks a whole experiment config before anything runs.
 
     Args:
-        config: the experiment ConfigDict (see ``configs/ce_baseline.py``).
+        config: the experiment ConfigDict (see ``configs/``).
 
     Raises:
         ConfigError: one line naming the field and what to change.
     """
-    if config.method not in methods.METHOD_NAMES:
-        raise ConfigError(
-            f"unknown config.method {config.method!r}; choose one of {methods.METHOD_NAMES}"
-        )
+    methods.validate_method_config(config)
     data.validate_data_config(config.data)
     build_student(config.student, num_classes=2)  # raises on a bad name or depth
     optimizers.validate_optimizer_config(config.optimizer)
@@ -51,77 +61,74 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             )
 
 
-def _initial_best() -> dict:
-    return {
-        "dev_error": jnp.asarray(np.inf, jnp.float32),
-        "test_error": jnp.asarray(np.nan, jnp.float32),
-        "step": jnp.asarray(-1, jnp.int32),
-    }
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """When a phase logs, evaluates and checkpoints (all in inner student steps).
+
+    Attributes:
+        num_steps: the phase's length.
+        eval_every: evaluate on dev and test this often (0: never; metrics come from
+            the method's outer step only).
+        checkpoint_every: save a checkpoint this often (and at the end).
+        eval_batch_size: examples per evaluation forward pass.
+    """
+
+    num_steps: int
+    eval_every: int
+    checkpoint_every: int
+    eval_batch_size: int = 1000
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains as the config says, resuming from the latest checkpoint in `workdir`.
-
-    Evaluates on dev and test every ``train.eval_every`` steps; the reported test error
-    is the one at the step with the lowest dev error (selection on dev only).
+    """Runs the config's method, resuming each phase from its latest checkpoint.
 
     Args:
         config: the experiment ConfigDict.
         workdir: where checkpoints, ``metrics.jsonl``, TensorBoard events and
-            ``summary.json`` are written.
+            ``summary.json`` are written (the teacher phase in ``workdir/teacher``).
 
     Returns:
         The summary (also written to ``workdir/summary.json``).
     """
     validate_config(config)
     os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
     splits = data.load_splits(config.data)
-    method = methods.build_method(config, splits)
-    train_cfg = config.train
-    if train_cfg.batch_size > len(splits.train.y):
+    if config.train.batch_size > len(splits.train.y):
         raise ConfigError(
-            f"config.train.batch_size ({train_cfg.batch_size}) is larger than the train "
+            f"config.train.batch_size ({config.train.batch_size}) is larger than the train "
             f"split ({len(splits.train.y)} examples); lower it"
         )
+    rng = jax.random.PRNGKey(config.seed)
+    teacher_rng, student_rng = jax.random.split(rng)
 
-    state = {
-        "method": method.init(jax.random.PRNGKey(config.seed), splits.train.x[:1]),
-        "best": _initial_best(),
-    }
-    checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-    state, start_step = checkpointer.restore_or(state)
-    if start_step:
-        logging.info("resumed from the checkpoint at step %d", start_step)
-    writer = metrics.MetricWriter(workdir, resume_step=start_step)
-    progress = metrics.Progress(start_step, train_cfg.num_steps)
-    outer_step = jax.jit(method.outer_step, donate_argnums=0)
-    start_time = time.perf_counter()
-
-    step = start_step
-    while step < train_cfg.num_steps:
-        batches = data.stacked_batches(
-            splits.train, seed=config.seed, start_step=step,
-            num_steps=method.steps_per_call, batch_size=train_cfg.batch_size,
+    teacher_params = None
+    if config.method != "ce":
+        teacher_params = methods.build_teacher(config, splits.num_classes).init(teacher_rng)
+    if config.method == "l2t-dlf" and config.teacher.num_episodes:
+        episodic = methods.build_episodic(config, splits)
+        t = config.teacher
+        state, _ = run_phase(
+            episodic, episodic.init(teacher_rng, splits), splits,
+            os.path.join(workdir, TEACHER_DIR), seed=config.seed,
+            schedule=Schedule(t.num_episodes * t.episode_steps, eval_every=0,
+                              checkpoint_every=t.checkpoint_every * t.episode_steps),
+            nonfinite_raises=t.on_nonfinite == "raise",
         )
-        state["method"], step_metrics = outer_step(state["method"], batches)
-        step += method.steps_per_call
-        scalars = {f"train/{k}": float(np.mean(v)) for k, v in step_metrics.items()}
-        if not np.isfinite(scalars["train/loss"]):
-            raise FloatingPointError(
-                f"non-finite training loss at step {step}; lower "
-                "config.optimizer.learning_rate or check the data"
-            )
-        is_eval_step = step % train_cfg.eval_every == 0 or step == train_cfg.num_steps
-        if is_eval_step:
-            scalars.update(_evaluate(method, state, splits, train_cfg, step))
-        writer.write(step, scalars)
-        progress.report(step, scalars, force=is_eval_step)
-        if step % train_cfg.checkpoint_every == 0 or step == train_cfg.num_steps:
-            checkpointer.save(step, state)
-    checkpointer.close()
-    writer.close()
+        teacher_params = state["teacher"]
 
-    final = _evaluate_splits(method, state, splits, train_cfg.eval_batch_size)
+    teaching = methods.build_teaching(config, splits)
+    train_cfg = config.train
+    state, summary = run_phase(
+        teaching, teaching.init(student_rng, splits, teacher_params), splits, workdir,
+        seed=config.seed,
+        schedule=Schedule(train_cfg.num_steps, train_cfg.eval_every,
+                          train_cfg.checkpoint_every, train_cfg.eval_batch_size),
+        nonfinite_raises=config.method != "ce" and config.teacher.on_nonfinite == "raise",
+    )
+    if teacher_params is not None:
+        save_params(state["teacher"], os.path.join(workdir, TEACHER_PARAMS_FILE))
     summary = {
         "dataset": config.data.name,
         "noise": f"{config.data.noise_type}:{config.data.noise_rate}",
@@ -129,12 +136,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "method": config.method,
         "seed": config.seed,
         "steps": train_cfg.num_steps,
-        "final_dev_error": final["dev/error"],
-        "final_test_error": final["test/error"],
-        "best_dev_error": float(state["best"]["dev_error"]),
-        "best_step": int(state["best"]["step"]),
-        "test_error": float(state["best"]["test_error"]),
-        "wall_seconds_this_run": time.perf_counter() - start_time,
+        **summary,
     }
     with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
         json.dump(summary, f, indent=2)
@@ -144,6 +146,99 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         summary["final_test_error"],
     )
     return summary
+
+
+def run_phase(method, state, splits: data.Splits, workdir: str, *, seed: int,
+              schedule: Schedule, nonfinite_raises: bool = False):
+    """Runs outer steps until `schedule.num_steps`, resuming from `workdir`'s checkpoint.
+
+    Args:
+        method: has ``batches(splits, seed, step)``, ``outer_step(state, batches)``,
+            ``steps_per_call`` and, if the schedule evaluates, ``student(state)`` and
+            ``model``.
+        state: the freshly initialised method state (also the restore template).
+        splits: the data.
+        workdir: the phase's directory.
+        seed: data-order seed.
+        schedule: lengths and intervals.
+        nonfinite_raises: stop with an error when a teacher update was non-finite
+            (otherwise such updates are skipped and counted in ``meta/nonfinite``).
+
+    Returns:
+        ``(state, summary)``; the summary has the dev-selected test error when the
+        schedule evaluates, else it is empty.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    evaluate = schedule.eval_every > 0
+    full_state = {"method": state}
+    if evaluate:
+        full_state["best"] = {
+            "dev_error": jnp.asarray(np.inf, jnp.float32),
+            "test_error": jnp.asarray(np.nan, jnp.float32),
+            "step": jnp.asarray(-1, jnp.int32),
+        }
+    checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+    full_state, start_step = checkpointer.restore_or(full_state)
+    if start_step:
+        logging.info("resumed %s from the checkpoint at step %d", workdir, start_step)
+    writer = metrics.MetricWriter(workdir, resume_step=start_step)
+    progress = metrics.Progress(start_step, schedule.num_steps)
+    outer_step = jax.jit(method.outer_step, donate_argnums=0)
+    start_time = time.perf_counter()
+
+    step = start_step
+    while step < schedule.num_steps:
+        batches = method.batches(splits, seed, step)
+        full_state["method"], step_metrics = outer_step(full_state["method"], batches)
+        step += method.steps_per_call
+        scalars = {f"train/{k}" if "/" not in k else k: float(np.mean(v))
+                   for k, v in step_metrics.items()}
+        if not np.isfinite(scalars["train/loss"]):
+            raise FloatingPointError(
+                f"non-finite training loss at step {step}; lower "
+                "config.optimizer.learning_rate or check the data"
+            )
+        if nonfinite_raises and scalars.get("meta/nonfinite", 0.0) > 0:
+            raise FloatingPointError(
+                f"non-finite meta-gradient at step {step} (the update was not applied); "
+                "lower config.teacher.learning_rate or set config.teacher.on_nonfinite=skip"
+            )
+        is_eval_step = evaluate and (
+            step % schedule.eval_every == 0 or step >= schedule.num_steps
+        )
+        if is_eval_step:
+            scalars.update(_evaluate(method, full_state, splits, schedule, step))
+        writer.write(step, scalars)
+        progress.report(step, scalars, force=is_eval_step or not evaluate)
+        if step % schedule.checkpoint_every == 0 or step >= schedule.num_steps:
+            checkpointer.save(step, full_state)
+    checkpointer.close()
+    writer.close()
+    if not evaluate:
+        return full_state["method"], {}
+
+    final = _evaluate_splits(method, full_state, splits, schedule.eval_batch_size)
+    summary = {
+        "final_dev_error": final["dev/error"],
+        "final_test_error": final["test/error"],
+        "best_dev_error": float(full_state["best"]["dev_error"]),
+        "best_step": int(full_state["best"]["step"]),
+        "test_error": float(full_state["best"]["test_error"]),
+        "wall_seconds_this_run": time.perf_counter() - start_time,
+    }
+    return full_state["method"], summary
+
+
+def save_params(params, path: str) -> None:
+    """Writes a parameter pytree of nested dicts to ``.npz`` (keys joined by ``/``)."""
+    flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
+    np.savez(path, **flat)
+
+
+def load_params(path: str) -> dict:
+    """Reads what `save_params` wrote, as nested dicts of numpy arrays."""
+    with np.load(path) as f:
+        return traverse_util.unflatten_dict(dict(f), sep="/")
 
 
 def _evaluate_splits(method, state: dict, splits: data.Splits, batch_size: int) -> dict:
@@ -157,9 +252,10 @@ def _evaluate_splits(method, state: dict, splits: data.Splits, batch_size: int) 
     return scalars
 
 
-def _evaluate(method, state: dict, splits: data.Splits, train_cfg, step: int) -> dict:
+def _evaluate(method, state: dict, splits: data.Splits, schedule: Schedule,
+              step: int) -> dict:
     """Evaluates on dev and test and updates the dev-selected best record in `state`."""
-    scalars = _evaluate_splits(method, state, splits, train_cfg.eval_batch_size)
+    scalars = _evaluate_splits(method, state, splits, schedule.eval_batch_size)
     # Compared in float32, the checkpointed precision, so ties keep the earlier step.
     if np.float32(scalars["dev/error"]) < np.float32(state["best"]["dev_error"]):
         state["best"] = {

@@ -6,11 +6,10 @@ r"""Trains as a config says, resuming from the latest checkpoint in --workdir.
 Writes DIR/metrics.jsonl, DIR/tensorboard/, DIR/checkpoints/ and DIR/summary.json.
 """
 
-import logging as std_logging
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+import launch
 from l2t_jax import train
 from l2t_jax.errors import ConfigError
 
@@ -21,15 +20,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and m
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _only_our_info(record) -> bool:
-    """Keeps warnings from everyone but INFO lines only from this project (not orbax's)."""
-    return record.levelno >= std_logging.WARNING or "l2t_jax" in record.pathname
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.get_absl_handler().python_handler.addFilter(_only_our_info)
+    launch.quiet_library_logging()
     logging.info("config:\n%s", _CONFIG.value)
     try:
         train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -1,30 +1,149 @@
-"""Methods: what is trained and how, as `init` / `outer_step` pure functions."""
+"""Methods: what is trained and how, built from a config as pure `init` / `outer_step`.
+
+* ``"ce"``: the student trained on cross-entropy (the baseline).
+* ``"l2t-dlf"``: L2T-DLF: a teacher is trained (episodes and/or online), then a fresh
+  student is taught by it.
+* ``"l2t-dlf-fixed"``: the same loss family at the teacher's untaught initial
+  parameters (separates the loss form from the teaching).
+"""
 
 from __future__ import annotations
 
-from l2t_jax import optimizers, students
+import optax
+
+from l2t_jax import engine, optimizers, students, teachers
 from l2t_jax.data import Splits
 from l2t_jax.errors import ConfigError
-from l2t_jax.methods.ce import CrossEntropy
+from l2t_jax.losses import cross_entropy_loss
+from l2t_jax.methods.dlf import EpisodicTeacherTraining, make_dlf_loss_fn
+from l2t_jax.methods.teaching import TeacherUpdate, Teaching
+from l2t_jax.objectives import DEV_OBJECTIVES
 
-METHOD_NAMES = ("ce",)
+METHOD_NAMES = ("ce", "l2t-dlf", "l2t-dlf-fixed")
+RESTARTS = ("fixed", "fresh")
+NONFINITE_POLICIES = ("skip", "raise")
+TEACHER_OPTIMIZERS = ("adam", "sgd", "momentum")
 
 
-def build_method(config, splits: Splits):
-    """Builds the method named by ``config.method`` for a dataset.
+def validate_teacher_config(config) -> None:
+    """Raises a one-line ConfigError for a bad ``teacher`` config (DLF methods)."""
+    t = config.teacher
+    if t.form not in teachers.TEACHER_FORMS:
+        raise ConfigError(
+            f"unknown config.teacher.form {t.form!r}; choose one of {teachers.TEACHER_FORMS}"
+        )
+    checks = [
+        (t.objective in DEV_OBJECTIVES, f"config.teacher.objective must be one of {DEV_OBJECTIVES}"),
+        (t.restart in RESTARTS, f"config.teacher.restart must be one of {RESTARTS}"),
+        (t.on_nonfinite in NONFINITE_POLICIES,
+         f"config.teacher.on_nonfinite must be one of {NONFINITE_POLICIES}"),
+        (t.optimizer in TEACHER_OPTIMIZERS,
+         f"config.teacher.optimizer must be one of {TEACHER_OPTIMIZERS}"),
+        (t.learning_rate > 0, "config.teacher.learning_rate must be > 0"),
+        (t.clip_norm >= 0, "config.teacher.clip_norm must be >= 0 (0: no clipping)"),
+        (t.num_episodes >= 0, "config.teacher.num_episodes must be >= 0"),
+        (t.episode_steps >= 1, "config.teacher.episode_steps must be >= 1"),
+        (t.pretrain_steps >= 0, "config.teacher.pretrain_steps must be >= 0"),
+        (t.online_window >= 1, "config.teacher.online_window must be >= 1"),
+        (t.dev_every >= 1, "config.teacher.dev_every must be >= 1"),
+        (t.checkpoint_every >= 1, "config.teacher.checkpoint_every must be >= 1 (episodes)"),
+        (t.hidden >= 1, "config.teacher.hidden must be >= 1"),
+        (t.bilinear_scale > 0, "config.teacher.bilinear_scale must be > 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if config.method == "l2t-dlf" and not (t.num_episodes or t.teach_online):
+        raise ConfigError(
+            "l2t-dlf needs config.teacher.num_episodes >= 1 or config.teacher.teach_online=True "
+            "(otherwise nothing teaches: use method 'l2t-dlf-fixed')"
+        )
+    if t.teach_online and config.train.log_every % t.online_window:
+        raise ConfigError(
+            f"config.train.log_every ({config.train.log_every}) must be a multiple of "
+            f"config.teacher.online_window ({t.online_window}) when teach_online"
+        )
 
-    Args:
-        config: the full experiment ConfigDict.
-        splits: the loaded dataset (number of classes, input shape).
 
-    Returns:
-        An object with ``init(rng, sample_x)``, ``outer_step(state, batches)``,
-        ``student(state)``, ``model`` and ``steps_per_call``.
-    """
+def validate_method_config(config) -> None:
+    """Checks ``config.method`` and, for teaching methods, ``config.teacher``."""
     if config.method not in METHOD_NAMES:
         raise ConfigError(
             f"unknown config.method {config.method!r}; choose one of {METHOD_NAMES}"
         )
+    if config.method != "ce":
+        if "teacher" not in config:
+            raise ConfigError(
+                f"method {config.method!r} needs a config.teacher section "
+                "(see configs/l2t_dlf.py)"
+            )
+        validate_teacher_config(config)
+
+
+def build_teacher(config, num_classes: int) -> teachers.DLFTeacher:
+    """The DLF teacher's structure from ``config.teacher``."""
+    t = config.teacher
+    return teachers.DLFTeacher(t.form, num_classes, teachers.NUM_FEATURES, t.hidden,
+                               t.combine, t.bilinear_scale)
+
+
+def build_teacher_update(config) -> TeacherUpdate:
+    """Estimator, optimizer (with global-norm clipping), objective, non-finite policy."""
+    t = config.teacher
+    if t.optimizer == "adam":
+        tx = optax.adam(t.learning_rate)
+    else:
+        tx = optax.sgd(t.learning_rate, momentum=0.9 if t.optimizer == "momentum" else None)
+    if t.clip_norm:
+        tx = optax.chain(optax.clip_by_global_norm(t.clip_norm), tx)
+    return TeacherUpdate(engine.make_estimator(config.engine), tx, t.objective, t.sharpness,
+                         t.on_nonfinite)
+
+
+def _stats_builder(config, model):
+    def build(dev_x, dev_y):
+        return teachers.make_stats_fn(model, dev_x, dev_y, config.teacher.dev_every)
+    return build
+
+
+def build_episodic(config, splits: Splits) -> EpisodicTeacherTraining:
+    """The episodic teacher-training phase of L2T-DLF."""
+    model = students.build_student(config.student, splits.num_classes)
+    t = config.teacher
+    return EpisodicTeacherTraining(
+        model=model,
+        tx=optimizers.make_inner_optimizer(config.optimizer, t.episode_steps),
+        teacher=build_teacher(config, splits.num_classes),
+        update=build_teacher_update(config),
+        steps_per_call=t.episode_steps,
+        batch_size=config.train.batch_size,
+        stats_builder=_stats_builder(config, model),
+        restart=t.restart,
+        pretrain_steps=t.pretrain_steps,
+        features_grad=t.features_grad,
+        augment=config.data.augment,
+        feature_dev_size=t.feature_dev_size,
+    )
+
+
+def build_teaching(config, splits: Splits) -> Teaching:
+    """The phase that trains the reported student: CE, or under a DLF teacher."""
     model = students.build_student(config.student, splits.num_classes)
     tx = optimizers.make_inner_optimizer(config.optimizer, config.train.num_steps)
-    return CrossEntropy(model, tx, config.data.get("augment", "none"), config.train.log_every)
+    common = dict(model=model, tx=tx, augment=config.data.augment,
+                  batch_size=config.train.batch_size)
+    if config.method == "ce":
+        return Teaching(loss_fn=cross_entropy_loss, steps_per_call=config.train.log_every,
+                        **common)
+    t = config.teacher
+    online = config.method == "l2t-dlf" and t.teach_online
+    return Teaching(
+        loss_fn=make_dlf_loss_fn(build_teacher(config, splits.num_classes),
+                                 config.train.num_steps, t.features_grad),
+        steps_per_call=t.online_window if online else config.train.log_every,
+        stats_builder=_stats_builder(config, model),
+        initial_stats=teachers.initial_stats(splits.num_classes),
+        teacher_update=build_teacher_update(config) if online else None,
+        feature_dev_size=t.feature_dev_size,
+        **common,
+    )

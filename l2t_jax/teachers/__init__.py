@@ -1,0 +1,11 @@
+"""Teachers: models that set a student's loss, trained by meta-gradients."""
+
+from l2t_jax.teachers.dlf import TEACHER_FORMS, DLFTeacher
+from l2t_jax.teachers.features import (
+    FEATURE_NAMES, NUM_FEATURES, initial_stats, make_stats_fn, student_features,
+)
+
+__all__ = [
+    "DLFTeacher", "FEATURE_NAMES", "NUM_FEATURES", "TEACHER_FORMS", "initial_stats",
+    "make_stats_fn", "student_features",
+]

@@ -1,0 +1,251 @@
+"""L2T-DLF: loss family, teachers, features, dev objective, meta-gradients, end to end."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import l2t_dlf
+from l2t_jax import engine, metrics, methods, objectives, optimizers, teachers, train
+from l2t_jax.errors import ConfigError
+from l2t_jax.losses.bilinear import bilinear_sigmoid_loss, identity_bilinear
+from l2t_jax.methods.dlf import make_dlf_loss_fn
+from l2t_jax.methods.teaching import TeacherUpdate
+from l2t_jax.students import build_student
+
+C = 4
+
+
+@pytest.fixture
+def x64():
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", False)
+
+
+def test_untaught_bilinear_loss_is_minus_p_over_one_plus_p():
+    logits = jnp.array([[2.0, 0.0, -1.0, 0.5], [0.1, 0.2, 0.3, 0.4]])
+    labels = jnp.array([0, 3])
+    p = jax.nn.softmax(logits)[jnp.arange(2), labels]
+    params = identity_bilinear(C)
+    value = bilinear_sigmoid_loss(params["W"], params["b"], logits, labels)
+    np.testing.assert_allclose(value, -jnp.mean(p / (1 + p)), rtol=1e-6)
+
+
+def test_smoothed_error_is_near_zero_when_right_and_near_one_when_confidently_wrong():
+    labels = jnp.array([0, 1])
+    right = jnp.array([[9.0, 0, 0, 0], [0, 9.0, 0, 0]])
+    wrong = jnp.array([[0, 9.0, 0, 0], [9.0, 0, 0, 0]])
+    assert float(objectives.smoothed_error(right, labels)) < 1e-6
+    assert float(objectives.smoothed_error(wrong, labels)) > 0.99
+    with pytest.raises(ConfigError, match="config.teacher.objective"):
+        objectives.dev_objective("accuracy", right, labels)
+
+
+@pytest.mark.parametrize("form", teachers.TEACHER_FORMS)
+def test_every_teacher_form_starts_at_the_untaught_loss(form):
+    teacher = teachers.DLFTeacher(form, C, teachers.NUM_FEATURES)
+    params = teacher.init(jax.random.PRNGKey(0))
+    logits = jax.random.normal(jax.random.PRNGKey(1), (8, C))
+    labels = jnp.arange(8) % C
+    features = jnp.array([0.3, 0.5, 0.8, 0.2])
+    identity = identity_bilinear(C)
+    np.testing.assert_allclose(
+        teacher.loss(params, features, logits, labels),
+        bilinear_sigmoid_loss(identity["W"], identity["b"], logits, labels), rtol=1e-6)
+
+
+def test_state_gate_moves_w_with_the_student_state():
+    teacher = teachers.DLFTeacher("state_gate", C, teachers.NUM_FEATURES, combine=True)
+    params = teacher.init(jax.random.PRNGKey(0))
+    params.update(W2=jnp.ones((C, C)), theta=jnp.array([4.0, 0, 0, 0]), b2=jnp.array(-2.0))
+    early, _, mix = teacher.loss_parameters(params, jnp.array([0.0, 0, 0, 0]))
+    late, _, _ = teacher.loss_parameters(params, jnp.array([1.0, 0, 0, 0]))
+    gate = lambda z: 2 * jax.nn.sigmoid(z) - 1  # noqa: E731
+    np.testing.assert_allclose(early, jnp.eye(C) + gate(-2.0), rtol=1e-6)
+    np.testing.assert_allclose(late, jnp.eye(C) + gate(2.0), rtol=1e-6)
+    assert float(mix) == pytest.approx(0.5)
+
+
+def test_features_and_stats_inside_the_scan():
+    model = build_student(ml_collections.ConfigDict({"name": "mlp", "hidden": (8,)}), C)
+    tx = optimizers.make_inner_optimizer(
+        ml_collections.ConfigDict({"name": "sgd", "learning_rate": 0.1}), 10)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(10, 6, 5)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, C, size=(10, 6)), jnp.int32)
+    dev_x, dev_y = x[0], y[0]
+    state = engine.init_student_state(model, tx, jax.random.PRNGKey(0), x[0],
+                                      teachers.initial_stats(C))
+    seen = []
+
+    def loss_fn(meta_params, logits, labels, s):
+        features = teachers.student_features(s, logits, labels, total_steps=10, num_classes=C)
+        seen.append(features)
+        return jnp.mean(optax_ce(logits, labels)) + 0 * features.sum()
+
+    stats_fn = teachers.make_stats_fn(model, dev_x, dev_y, dev_every=4, decay=0.5)
+    step_fn = engine.make_student_step(model, loss_fn, tx, stats_fn=stats_fn)
+    history = []
+    for t in range(10):
+        before = state
+        state, m = jax.jit(step_fn)(None, state, {"x": x[t], "y": y[t]})
+        expected_loss = 0.5 * before.stats["train_loss"] + 0.5 * m["cross_entropy"]
+        np.testing.assert_allclose(state.stats["train_loss"], expected_loss, rtol=1e-6)
+        history.append(float(state.stats["dev_error"]))
+    # The dev error is refreshed at steps 4 and 8 only.
+    assert history[0] == history[1] == history[2] == pytest.approx(1 - 1 / C)
+    assert history[3] == history[4] == history[5] == history[6]
+    features = teachers.student_features(state, jnp.zeros((2, C)), jnp.array([1, 1]), 10, C)
+    np.testing.assert_allclose(features[0], 1.0)  # iteration fraction after 10 of 10 steps
+    np.testing.assert_allclose(features[1], 1.0)  # argmax 0 vs labels 1: all wrong
+
+
+def optax_ce(logits, labels):
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], -1)[:, 0]
+
+
+def dlf_problem(form, dtype, features_grad):
+    """A tiny DLF meta-learning problem: student, batches, dev set, teacher params."""
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(C, 6))
+
+    def sample(n):
+        labels = rng.integers(0, C, size=n)
+        return jnp.asarray(centers[labels] + rng.normal(size=(n, 6)), dtype), jnp.asarray(labels)
+
+    steps, batch = 20, 8
+    xs, ys = sample(steps * batch)
+    batches = {"x": xs.reshape(steps, batch, 6), "y": ys.reshape(steps, batch)}
+    dev_x, dev_y = sample(24)
+    model = build_student(ml_collections.ConfigDict(
+        {"name": "mlp", "hidden": (8,), "activation": "tanh", "dtype": jnp.dtype(dtype).name}), C)
+    tx = optimizers.make_inner_optimizer(
+        ml_collections.ConfigDict({"name": "sgd", "learning_rate": 0.5}), steps)
+    teacher = teachers.DLFTeacher(form, C, teachers.NUM_FEATURES, hidden=4, combine=True,
+                                  bilinear_scale=4.0)
+    params = teacher.init(jax.random.PRNGKey(1), dtype)
+    # Move every parameter off its initial value so no gradient is zero by symmetry.
+    params = jax.tree_util.tree_map(
+        lambda p: p + 0.1 * jnp.asarray(rng.normal(size=p.shape), dtype), params)
+    stats = jax.tree_util.tree_map(lambda s: s.astype(dtype), teachers.initial_stats(C))
+    state = engine.init_student_state(model, tx, jax.random.PRNGKey(2), dev_x[:1], stats)
+    step_fn = engine.make_student_step(
+        model, make_dlf_loss_fn(teacher, steps, features_grad), tx,
+        stats_fn=teachers.make_stats_fn(model, dev_x, dev_y, dev_every=5))
+    update = TeacherUpdate(engine.FullBackprop(), None, objective="smoothed_error")
+    objective = update.dev_objective_fn(model, {"x": dev_x, "y": dev_y})
+    return step_fn, objective, params, state, batches
+
+
+@pytest.mark.parametrize("form", teachers.TEACHER_FORMS)
+def test_dlf_meta_gradient_matches_central_differences_float64(x64, form):
+    # With gradients through the state features the meta-gradient is the exact total
+    # derivative (the argmax-based features are piecewise constant: zero derivative).
+    step_fn, objective, params, state, batches = dlf_problem(form, jnp.float64, True)
+    result = jax.jit(lambda p: engine.FullBackprop(remat="sqrt")(
+        step_fn, objective, p, state, batches))(params)
+
+    @jax.jit
+    def value(p):
+        final, _ = engine.unroll(step_fn, p, state, batches)
+        return objective(p, final)[0]
+
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    rng = np.random.default_rng(3)
+    # Directional derivatives along random directions (every coordinate would be slow
+    # for the MLP teacher): <grad, v> vs (f(p + eps v) - f(p - eps v)) / 2 eps.
+    for _ in range(3):
+        v = jnp.asarray(rng.normal(size=flat.shape))
+        eps = 1e-6
+        numeric = (value(unravel(flat + eps * v)) - value(unravel(flat - eps * v))) / (2 * eps)
+        analytic = jnp.dot(jax.flatten_util.ravel_pytree(result.grad)[0], v)
+        np.testing.assert_allclose(analytic, numeric, rtol=1e-5, atol=1e-10)
+    assert float(jnp.abs(result.grad["W"]).max()) > 1e-6
+    if form != "static":
+        # The demo's default stops gradients through s_t: a different (partial) gradient.
+        step_fn, objective, params, state, batches = dlf_problem(form, jnp.float64, False)
+        partial = engine.FullBackprop()(step_fn, objective, params, state, batches)
+        assert not np.allclose(jax.flatten_util.ravel_pytree(partial.grad)[0],
+                               jax.flatten_util.ravel_pytree(result.grad)[0], rtol=1e-4)
+
+
+def test_nonfinite_meta_gradient_is_skipped_never_applied():
+    import optax
+
+    update = TeacherUpdate(engine.FullBackprop(), optax.adam(0.1))
+    teacher = {"W": jnp.eye(2)}
+    opt_state = update.tx.init(teacher)
+    bad = engine.MetaGradient(jnp.asarray(1.0), {"W": jnp.full((2, 2), jnp.nan)}, None, {},
+                              {"dev_error": jnp.asarray(0.5)})
+    new_teacher, new_opt_state, m = update.apply(teacher, opt_state, bad)
+    chex.assert_trees_all_equal(new_teacher, teacher)
+    chex.assert_trees_all_equal(new_opt_state, opt_state)
+    assert float(m["meta/nonfinite"]) == 1.0
+    good = bad._replace(grad={"W": jnp.ones((2, 2))})
+    new_teacher, _, m = update.apply(teacher, opt_state, good)
+    assert float(m["meta/nonfinite"]) == 0.0
+    assert not np.allclose(new_teacher["W"], teacher["W"])
+
+
+@pytest.mark.parametrize("method, overrides", [
+    ("l2t-dlf", {}),
+    ("l2t-dlf-fixed", {}),
+    ("l2t-dlf", {"num_episodes": 0, "teach_online": True}),
+    ("l2t-dlf", {"form": "mlp", "objective": "smoothed_error", "restart": "fixed",
+                 "pretrain_steps": 10}),
+])
+def test_smoke_runs_every_mode_end_to_end(tmp_path, method, overrides):
+    config = l2t_dlf.get_config("digits,noisy,smoke")
+    config.method = method
+    config.teacher.update(overrides)
+    summary = train.train_and_evaluate(config, str(tmp_path))
+    assert summary["method"] == method and 0 <= summary["test_error"] < 60
+    records = metrics.read_metrics(str(tmp_path))
+    assert records[-1]["step"] == config.train.num_steps
+    if method == "l2t-dlf" and config.teacher.num_episodes:
+        episodes = metrics.read_metrics(str(tmp_path / train.TEACHER_DIR))
+        assert [r["step"] for r in episodes] == [10, 20, 30]
+        assert all(r["meta/nonfinite"] == 0 for r in episodes)
+    if config.teacher.teach_online:
+        assert "meta/objective" in records[-1]
+
+
+def test_teacher_phase_resumes_exactly(tmp_path, monkeypatch):
+    config = l2t_dlf.get_config("digits,noisy,smoke")
+    reference = train.train_and_evaluate(config, str(tmp_path / "reference"))
+    original = methods.EpisodicTeacherTraining.batches
+
+    def crash_in_episode_3(self, splits, seed, start_step):
+        if start_step == 20:
+            raise RuntimeError("simulated crash")
+        return original(self, splits, seed, start_step)
+
+    monkeypatch.setattr(methods.EpisodicTeacherTraining, "batches", crash_in_episode_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.train_and_evaluate(config, str(tmp_path / "crashed"))
+    monkeypatch.undo()
+    resumed = train.train_and_evaluate(config, str(tmp_path / "crashed"))
+    assert resumed["test_error"] == reference["test_error"]
+    assert (metrics.read_metrics(str(tmp_path / "crashed" / train.TEACHER_DIR))
+            == metrics.read_metrics(str(tmp_path / "reference" / train.TEACHER_DIR)))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("teacher.form", "transformer", "config.teacher.form"),
+    ("teacher.objective", "accuracy", "config.teacher.objective"),
+    ("teacher.restart", "warm", "config.teacher.restart"),
+    ("teacher.learning_rate", 0.0, "config.teacher.learning_rate"),
+    ("teacher.on_nonfinite", "ignore", "config.teacher.on_nonfinite"),
+    ("teacher.num_episodes", 0, "needs config.teacher.num_episodes >= 1"),
+])
+def test_bad_teacher_config_is_rejected(field, value, message):
+    config = l2t_dlf.get_config("digits,smoke")
+    section, key = field.split(".")
+    config[section][key] = value
+    with pytest.raises(ConfigError, match=message):
+        train.validate_config(config)
