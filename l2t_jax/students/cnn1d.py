@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from l2t_jax.students._layers import Conv
+
 
 class CNN1D(nn.Module):
     """1-D convolutional classifier.
@@ -37,7 +39,7 @@ class CNN1D(nn.Module):
         if x.ndim == 2:
             x = x[..., None]
         for kernel in (5, 3, 3):
-            x = nn.Conv(
+            x = Conv(
                 self.channels,
                 (kernel,),
                 strides=2,

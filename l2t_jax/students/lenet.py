@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from l2t_jax.students._layers import as_images, batch_norm
+from l2t_jax.students._layers import Conv, as_images, batch_norm
 
 
 class LeNet5(nn.Module):
@@ -48,7 +48,7 @@ class LeNet5(nn.Module):
         norm = batch_norm(train, self.dtype)
         x = as_images(x, self.dtype)
         for features in (20, 50):
-            x = nn.Conv(
+            x = Conv(
                 features,
                 (5, 5),
                 padding="VALID",
