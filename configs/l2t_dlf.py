@@ -16,9 +16,11 @@ The argument after ':' is a comma-separated list: one dataset variant and option
 Defaults follow `../shared/specs/l2t_dlf.md`: the demo's dynamic gate
 W_t = W + h_t W2 with the CE mix a_t learned (the demo's --combine_loss idea), Adam with
 global-norm clipping on the teacher (hypergradients through long unrolls are noisy),
-dev cross-entropy as the dev objective on the small datasets (the smoothed 0-1 error
-with k = 50 is `--config.teacher.objective=smoothed_error`), a fresh student init and
-batch order each episode. The teaching phase trains a fresh student for
+the demo's smoothed 0-1 dev error (k = 50) as the teacher's objective, a fresh student
+init and batch order each episode. (Dev cross-entropy, `--config.teacher.objective=
+cross_entropy`, over-fitted the 300-example dev set of clean digits: 0% dev error in the
+episodes, 4.1% test error vs CE's 2.7%; the smoothed error stops pushing once dev
+examples are right with a margin.) The teaching phase trains a fresh student for
 `train.num_steps` (= the episode length T, the trajectory the teacher was trained on)
 and reports the dev-selected test error.
 """
@@ -40,7 +42,7 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
         hidden=32,                  # mlp form only
         combine=True,               # teacher-set mix a_t * CE + (1 - a_t) * scale * bilinear
         bilinear_scale=4.0,
-        objective="cross_entropy",  # cross_entropy | smoothed_error
+        objective="smoothed_error",  # smoothed_error (k = sharpness) | cross_entropy
         sharpness=50.0,             # k of the smoothed error
         features_grad=False,        # stop gradients through s_t, as the demo
         feature_dev_size=512,       # dev examples behind the dev-error feature
@@ -66,15 +68,13 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
         config.optimizer.update(name="sgd", learning_rate=0.01)
         config.train.update(num_steps=200, batch_size=20)
         config.teacher.update(episode_steps=200, num_episodes=100, restart="fixed",
-                              pretrain_steps=1000, objective="smoothed_error",
-                              optimizer="sgd", learning_rate=0.01)
+                              pretrain_steps=1000, optimizer="sgd", learning_rate=0.01)
     elif variant in ("mnist1d", "mnist1d_cnn"):
         config.optimizer.update(name="sgd", learning_rate=0.1 if variant == "mnist1d" else 0.05)
         config.train.update(num_steps=300, batch_size=100)
         config.teacher.update(episode_steps=300, num_episodes=150)
     else:  # CIFAR (paper setting): long trainings, so the teacher learns online.
-        config.teacher.update(num_episodes=0, teach_online=True, online_window=50,
-                              objective="smoothed_error")
+        config.teacher.update(num_episodes=0, teach_online=True, online_window=50)
         config.engine.update(estimator="truncated", window=50, remat="sqrt")
     config.train.update(log_every=10, eval_every=10, checkpoint_every=50)
     if variant in ("cifar10", "cifar100", "fake_cifar10"):
