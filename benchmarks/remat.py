@@ -7,47 +7,59 @@ taken by `FullBackprop` through T plain-SGD student steps for each remat policy
 here: per-class weights and a temperature on the student's cross-entropy. Data are
 random Gaussian inputs with uniformly random labels (only shapes matter for cost).
 
-For each (student, T, policy) the script records the compile time of the jitted
-meta-gradient (`lower` + `compile`), the median/min/max wall time of the compiled call
-over `--repeats` runs, the wall time of the forward unroll alone (same policy, no
-gradient), and XLA's memory analysis of the compiled meta-gradient; ``peak_mb`` is its
-temp buffer size (the memory the policy controls; arguments and outputs are the same
-for every policy and are recorded as ``argument_mb`` / ``output_mb``). Before timing,
-all policies' gradients are checked equal (rtol 1e-4).
+For each (student, T, policy) the script records:
+
+* ``compile_s``: compile time of the jitted meta-gradient (`lower` + `compile`).
+* ``median_s``, ``min_s``, ``max_s``: wall time of the compiled call over `--repeats`
+  runs.
+* ``forward_s``: wall time of the forward unroll alone (same policy, no gradient).
+* ``peak_mb``: from XLA's memory analysis of the compiled meta-gradient, its temp buffer
+  size. This is the memory the policy controls. Arguments and outputs are the same for
+  every policy and are recorded as ``argument_mb`` and ``output_mb``.
+* ``other_load``: the mean number of cores other (un-niced) processes kept busy while
+  this (student, T) ran. On a shared host a value near 1 means the times are inflated.
+
+Before timing, all policies' gradients are checked equal (rtol 1e-4). Results:
+docs/remat.md.
 
 Launch, from the repository root:
 
-    python benchmarks/remat.py --quick          # MLP 64-128-10, T in {10, 100}: ~30 s
-    python benchmarks/remat.py                  # both MLPs, T up to 1000: ~15 min
-    python benchmarks/remat.py --threads=1      # pin to one core
+    python benchmarks/remat.py --quick        # MLP 64-128-10, T in {10, 100}: ~20 s
+    python benchmarks/remat.py                # both MLPs, T up to 1000: ~3 min
+    python benchmarks/remat.py --threads=1    # pin to one core
 
-Run times are for 2 CPU cores. Threads: by default XLA uses every core it is given and
-``threads`` is recorded as ``os.cpu_count()``. ``--threads=N`` restricts the process to
-N cores with ``os.sched_setaffinity`` before JAX starts its backend, and for N = 1 also
-sets ``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1``;
-on jax 0.10 that flag alone leaves a CPU matmul running on two cores, so the affinity
-is what actually pins it.
+Run times are for 2 otherwise idle CPU cores; another busy process can double them.
+
+Threads: by default XLA uses every core it is given, and ``threads`` is recorded as
+``os.cpu_count()``. ``--threads=N`` restricts the process to N cores with
+``os.sched_setaffinity`` before JAX starts its backend. For N = 1 it also sets
+``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1``. On
+jax 0.10 that flag alone leaves a CPU matmul running on two cores, so the affinity is
+what actually pins it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Importing jax does not start its backend, so `pin_threads` in `main` still runs before
+# XLA reads XLA_FLAGS and starts its thread pool.
 
-import jax  # noqa: E402  (XLA reads XLA_FLAGS when the backend starts, not at import)
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
 
-from l2t_jax import engine  # noqa: E402
-from l2t_jax.optimizers import make_inner_optimizer  # noqa: E402
-from l2t_jax.students import build_student  # noqa: E402
+from l2t_jax import engine
+from l2t_jax.optimizers import make_inner_optimizer
+from l2t_jax.students import build_student
 
 NUM_CLASSES = 10
 BATCH_SIZE = 128
@@ -95,7 +107,9 @@ def make_problem(student_name: str, num_steps: int, rng: jax.Array):
     """
     in_dim, hidden = STUDENTS[student_name]
     model = build_student(
-        ml_collections.ConfigDict({"name": "mlp", "hidden": hidden, "activation": "relu"}),
+        ml_collections.ConfigDict(
+            {"name": "mlp", "hidden": hidden, "activation": "relu"}
+        ),
         NUM_CLASSES,
     )
     tx = make_inner_optimizer(
@@ -156,6 +170,22 @@ def compile_timed(fn, args):
     return compiled, time.perf_counter() - start
 
 
+def host_cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds un-niced processes have used, CPU seconds this process has used).
+
+    The first is read from /proc/stat (NaN off Linux). Over a stretch of wall time, the
+    difference of the two is the CPU other processes took meanwhile: on a shared host it
+    explains slow runs. Niced processes are left out: they yield to this one.
+    """
+    own = sum(os.times()[:2])
+    try:
+        with open("/proc/stat") as f:
+            user, _, system, _, _, irq, softirq = map(int, f.readline().split()[1:8])
+    except (OSError, ValueError):
+        return float("nan"), own
+    return (user + system + irq + softirq) / os.sysconf("SC_CLK_TCK"), own
+
+
 def wall_times(compiled, args, repeats: int) -> list[float]:
     """Wall-clock seconds of `repeats` calls, each waited for with block_until_ready."""
     times = []
@@ -169,21 +199,32 @@ def wall_times(compiled, args, repeats: int) -> list[float]:
 def check_same_gradient(grads: dict, reference: str = "none") -> None:
     """Asserts every policy's meta-gradient matches `reference`'s (rtol 1e-4)."""
     for policy, grad in grads.items():
-        for a, b in zip(jax.tree_util.tree_leaves(grad), jax.tree_util.tree_leaves(grads[reference])):
+        leaves = zip(
+            jax.tree_util.tree_leaves(grad), jax.tree_util.tree_leaves(grads[reference])
+        )
+        for a, b in leaves:
             np.testing.assert_allclose(
-                np.asarray(a), np.asarray(b), rtol=1e-4,
+                np.asarray(a),
+                np.asarray(b),
+                rtol=1e-4,
                 err_msg=f"remat={policy!r} differs from remat={reference!r}",
             )
 
 
-def bench_case(student_name: str, num_steps: int, repeats: int, threads: int, seed: int):
+def bench_case(
+    student_name: str, num_steps: int, repeats: int, threads: int, seed: int
+):
     """Benchmarks every remat policy on one (student, T); returns one record per policy."""
+    host_start, own_start = host_cpu_seconds()
+    wall_start = time.perf_counter()
     step_fn, objective, args = make_problem(
         student_name, num_steps, jax.random.PRNGKey(seed)
     )
     compiled, grads = {}, {}
     for policy in engine.REMAT_POLICIES:
-        compiled[policy] = compile_timed(make_meta_grad(step_fn, objective, policy), args)
+        compiled[policy] = compile_timed(
+            make_meta_grad(step_fn, objective, policy), args
+        )
         # This first call also warms the executable up before it is timed.
         _, grads[policy] = jax.block_until_ready(compiled[policy][0](*args))
     check_same_gradient(grads)
@@ -197,36 +238,46 @@ def bench_case(student_name: str, num_steps: int, repeats: int, threads: int, se
         forward_exe, _ = compile_timed(make_forward(step_fn, objective, policy), args)
         jax.block_until_ready(forward_exe(*args))
         forward_s = float(np.median(wall_times(forward_exe, args, repeats)))
-        records.append({
-            "benchmark": f"meta_grad_remat_{policy}",
-            "framework": "jax",
-            "student": student_name,
-            "T": num_steps,
-            "threads": threads,
-            "median_s": float(np.median(times)),
-            "min_s": float(np.min(times)),
-            "max_s": float(np.max(times)),
-            "peak_mb": memory.temp_size_in_bytes / MB,
-            "compile_s": compile_s,
-            "forward_s": forward_s,
-            "argument_mb": memory.argument_size_in_bytes / MB,
-            "output_mb": memory.output_size_in_bytes / MB,
-        })
+        records.append(
+            {
+                "benchmark": f"meta_grad_remat_{policy}",
+                "framework": "jax",
+                "student": student_name,
+                "T": num_steps,
+                "threads": threads,
+                "median_s": float(np.median(times)),
+                "min_s": float(np.min(times)),
+                "max_s": float(np.max(times)),
+                "peak_mb": memory.temp_size_in_bytes / MB,
+                "compile_s": compile_s,
+                "forward_s": forward_s,
+                "argument_mb": memory.argument_size_in_bytes / MB,
+                "output_mb": memory.output_size_in_bytes / MB,
+            }
+        )
+    host_end, own_end = host_cpu_seconds()
+    other_load = (host_end - host_start) - (own_end - own_start)
+    other_load /= time.perf_counter() - wall_start
+    # None (JSON null) where /proc/stat is unavailable.
+    other_load = max(0.0, other_load) if math.isfinite(other_load) else None
+    for record in records:
+        record["other_load"] = other_load
     return records
 
 
 def format_row(r: dict) -> str:
     return (
-        f"{r['student']:>14} {r['T']:>5} {r['benchmark'].removeprefix('meta_grad_remat_'):>5}"
+        f"{r['student']:>14} {r['T']:>5} {r['benchmark'].rsplit('_', 1)[1]:>5}"
         f" {r['peak_mb']:>9.1f} {r['argument_mb']:>7.1f} {r['median_s']:>9.4f}"
         f" {r['min_s']:>9.4f} {r['max_s']:>9.4f} {r['forward_s']:>9.4f}"
         f" {r['median_s'] / r['forward_s']:>6.2f} {r['compile_s']:>8.2f}"
+        f" {'-' if r['other_load'] is None else format(r['other_load'], '.2f'):>6}"
     )
 
 
 HEADER = (
     f"{'student':>14} {'T':>5} {'remat':>5} {'temp_MB':>9} {'arg_MB':>7} {'median_s':>9}"
-    f" {'min_s':>9} {'max_s':>9} {'fwd_s':>9} {'meta/f':>6} {'compile':>8}"
+    f" {'min_s':>9} {'max_s':>9} {'fwd_s':>9} {'meta/f':>6} {'compile':>8} {'others':>6}"
 )
 
 
@@ -246,7 +297,9 @@ def pin_threads(threads: int) -> None:
     """Restricts the process to `threads` cores; must run before JAX's first computation."""
     cpus = sorted(os.sched_getaffinity(0))
     if threads > len(cpus):
-        raise SystemExit(f"--threads={threads} but only {len(cpus)} cores are available")
+        raise SystemExit(
+            f"--threads={threads} but only {len(cpus)} cores are available"
+        )
     os.sched_setaffinity(0, cpus[:threads])
     if threads == 1:
         os.environ["XLA_FLAGS"] = (
@@ -257,12 +310,27 @@ def pin_threads(threads: int) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="MLP 64-128-10 only, T in {10, 100} (under 2 minutes).")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="MLP 64-128-10 only, T in {10, 100} (under 2 minutes).",
+    )
     parser.add_argument("--out", default="docs/remat.json", help="JSON output path.")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="Pin to this many cores (default: leave as is).")
-    parser.add_argument("--repeats", type=int, default=5, help="Timed calls per case (>= 5).")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="Pin to this many cores (default: leave as is).",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="Timed calls per case (>= 5)."
+    )
+    parser.add_argument(
+        "--students",
+        default=None,
+        help=f"Comma-separated subset of {', '.join(STUDENTS)} (default: all, or the "
+        "quick one with --quick).",
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -275,19 +343,33 @@ def main(argv=None) -> None:
         pin_threads(args.threads)
     threads = args.threads if args.threads is not None else os.cpu_count()
     students = QUICK_STUDENTS if args.quick else tuple(STUDENTS)
+    if args.students:
+        students = tuple(args.students.split(","))
+        unknown = [name for name in students if name not in STUDENTS]
+        if unknown:
+            raise SystemExit(
+                f"unknown --students {unknown}; choose from {list(STUDENTS)}"
+            )
     steps = QUICK_STEPS if args.quick else FULL_STEPS
 
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, threads={threads}, "
-          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, repeats={args.repeats}")
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].platform}, threads={threads}, "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, repeats={args.repeats}"
+    )
     print(HEADER, flush=True)
     records = []
     start = time.perf_counter()
     for student_name in students:
         for num_steps in steps:
-            for record in bench_case(student_name, num_steps, args.repeats, threads, args.seed):
+            for record in bench_case(
+                student_name, num_steps, args.repeats, threads, args.seed
+            ):
                 records.append(record)
                 print(format_row(record), flush=True)
-    print(f"total {time.perf_counter() - start:.1f} s; process peak RSS {peak_rss_mb():.0f} MB")
+    print(
+        f"total {time.perf_counter() - start:.1f} s; "
+        f"process peak RSS {peak_rss_mb():.0f} MB"
+    )
 
     out_dir = os.path.dirname(args.out)
     if out_dir:

@@ -18,7 +18,7 @@ Memory policies (`remat`), all giving the same gradient:
   residuals) in the backward pass: about one extra forward unroll, memory
   O(sqrt(T) * (|state| + residuals)).
 
-`benchmarks/remat_memory.py` measures the trade-off.
+`benchmarks/remat.py` measures the trade-off (`docs/remat.md`).
 """
 
 from __future__ import annotations
@@ -203,8 +203,17 @@ def make_student_step(
 
 
 def sqrt_chunk_size(num_steps: int) -> int:
-    """The chunk length used by the ``"sqrt"`` policy: round(sqrt(T)), at least 1."""
-    return max(1, round(math.sqrt(num_steps)))
+    """The default chunk length of the ``"sqrt"`` policy.
+
+    The divisor of T nearest sqrt(T) when one lies within a factor 2 of it (T = 1000 ->
+    25): a chunk that divides T lets the stacked batches be reshaped without a copy,
+    whereas a remainder chunk makes XLA copy nearly all of them (measured at T = 1000:
+    427 MB with chunks of 32 vs 49 MB with 25). Otherwise (T prime, say) round(sqrt(T)).
+    """
+    root = math.sqrt(num_steps)
+    divisors = [d for d in range(1, num_steps + 1) if num_steps % d == 0]
+    nearest = min(divisors, key=lambda d: abs(d - root))
+    return nearest if root / 2 <= nearest <= 2 * root else max(1, round(root))
 
 
 def _num_steps(batches: PyTree) -> int:
