@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 import time
@@ -48,6 +47,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from _records import write_records
 
 from l2t_jax import engine
 from l2t_jax.optimizers import make_inner_optimizer
@@ -271,12 +271,7 @@ def main(argv=None) -> None:
             records.append(record)
             print(format_row(record), flush=True)
     print(f"total {time.perf_counter() - start:.1f} s")
-    out_dir = os.path.dirname(args.out)
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(records, f, indent=1)
-    print(f"wrote {len(records)} records to {args.out}")
+    write_records(records, args.out)
 
 
 if __name__ == "__main__":

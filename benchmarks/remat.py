@@ -41,7 +41,6 @@ what actually pins it.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -56,6 +55,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from _records import write_records
 
 from l2t_jax import engine
 from l2t_jax.optimizers import make_inner_optimizer
@@ -371,12 +371,7 @@ def main(argv=None) -> None:
         f"process peak RSS {peak_rss_mb():.0f} MB"
     )
 
-    out_dir = os.path.dirname(args.out)
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(records, f, indent=1)
-    print(f"wrote {len(records)} records to {args.out}")
+    write_records(records, args.out)
 
 
 if __name__ == "__main__":

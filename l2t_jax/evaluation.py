@@ -48,7 +48,7 @@ def evaluate(
         if pad:
             xb = np.concatenate([xb, np.zeros((pad,) + xb.shape[1:], xb.dtype)])
             yb = np.concatenate([yb, np.zeros(pad, yb.dtype)])
-        w, l = _batch_sums(model, state.params, state.model_state, xb, yb, mask)
-        wrong += float(w)
-        nll += float(l)
+        batch_wrong, batch_nll = _batch_sums(model, state.params, state.model_state, xb, yb, mask)
+        wrong += float(batch_wrong)
+        nll += float(batch_nll)
     return {"error": 100.0 * wrong / n, "loss": nll / n}

@@ -18,12 +18,12 @@ import json
 import os
 import time
 
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from flax import traverse_util
 
 from l2t_jax import checkpoint, data, engine, evaluation, methods, metrics, optimizers
 from l2t_jax.errors import ConfigError

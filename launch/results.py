@@ -17,8 +17,8 @@ import os
 import numpy as np
 from absl import app, flags, logging
 
-from configs import l2t_dlf
 import launch
+from configs import l2t_dlf
 from l2t_jax import train
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the individual runs live.")

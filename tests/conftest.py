@@ -10,3 +10,17 @@ os.environ["XLA_FLAGS"] = (
 # Datasets are prepared once per test session in a private directory (never the user's
 # ~/tensorflow_datasets); subprocesses started by tests inherit it.
 os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="l2t_jax_tfds_")
+
+
+import jax  # noqa: E402  (after the environment above)
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def x64():
+    """float64 for the test (finite differences need it), restored afterwards."""
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", False)

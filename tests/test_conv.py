@@ -52,15 +52,6 @@ CASES = {
 DIMS = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC")}
 
 
-@pytest.fixture
-def enable_x64():
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", False)
-
-
 def _conv_fns(case):
     x_shape, k_shape, strides, padding, lhs_dilation, rhs_dilation = CASES[case]
     dims = DIMS[len(k_shape) - 2]
@@ -121,7 +112,7 @@ def _compare(case, dtype, rtol, seed=0):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_values_and_derivatives_match_lax(case, enable_x64):
+def test_values_and_derivatives_match_lax(case, x64):
     _compare(case, jnp.float64, rtol=1e-12)
 
 
@@ -223,7 +214,7 @@ def _assert_finite_difference(meta, args, grad, eps=1e-5):
     np.testing.assert_allclose(grad, (value_up - value_down) / (2 * eps), rtol=1e-6)
 
 
-def test_meta_gradient_through_scan_matches_flax_conv(enable_x64):
+def test_meta_gradient_through_scan_matches_flax_conv(x64):
     ours, flax_net = _TinyNet(Conv, (3,)), _TinyNet(nn.Conv, (3,))
     args = (jnp.float64(np.log(0.3)), *_meta_problem(ours, (12, 2), jnp.float64))
     meta = _meta_gradient_fn(ours).lower(*args).compile()
@@ -240,7 +231,7 @@ def test_meta_gradient_through_scan_matches_flax_conv(enable_x64):
     assert set(_conv_labels(flax_meta)) - {"b0f_0io->b0f"}
 
 
-def test_2d_meta_gradient_through_scan_is_exact_and_channel_last(enable_x64):
+def test_2d_meta_gradient_through_scan_is_exact_and_channel_last(x64):
     # Derivatives of 2-D convolutions against lax: test_values_and_derivatives_match_lax.
     model = _TinyNet(Conv, (3, 3))
     args = (jnp.float64(np.log(0.3)), *_meta_problem(model, (9, 8, 2), jnp.float64))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import l2t_dlf
-from l2t_jax import engine, metrics, methods, objectives, optimizers, teachers, train
+from l2t_jax import engine, methods, metrics, objectives, optimizers, teachers, train
 from l2t_jax.errors import ConfigError
 from l2t_jax.losses.bilinear import bilinear_sigmoid_loss, identity_bilinear
 from l2t_jax.methods.dlf import make_dlf_loss_fn
@@ -16,15 +16,6 @@ from l2t_jax.methods.teaching import TeacherUpdate
 from l2t_jax.students import build_student
 
 C = 4
-
-
-@pytest.fixture
-def x64():
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", False)
 
 
 def test_untaught_bilinear_loss_is_minus_p_over_one_plus_p():

@@ -19,15 +19,6 @@ T = 20
 BATCH = 8
 
 
-@pytest.fixture
-def x64():
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", False)
-
-
 def weighted_tempered_ce(meta_params, logits, labels, state):
     """A smooth loss family with teacher parameters: per-class weights and a temperature."""
     del state

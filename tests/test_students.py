@@ -166,17 +166,8 @@ def test_cnn1d_accepts_signals_with_or_without_channel_axis():
     )
 
 
-@pytest.fixture
-def enable_x64():
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", False)
-
-
 @pytest.mark.parametrize("name", STUDENT_NAMES)
-def test_float64_params_stats_and_logits(name, enable_x64):
+def test_float64_params_stats_and_logits(name, x64):
     fields, input_shape = SMALL[name]
     model = _student(name, dtype="float64", **fields)
     x = _inputs(input_shape)  # float32: the student must compute in its own dtype

@@ -33,7 +33,8 @@ def validate_teacher_config(config) -> None:
             f"unknown config.teacher.form {t.form!r}; choose one of {teachers.TEACHER_FORMS}"
         )
     checks = [
-        (t.objective in DEV_OBJECTIVES, f"config.teacher.objective must be one of {DEV_OBJECTIVES}"),
+        (t.objective in DEV_OBJECTIVES,
+         f"config.teacher.objective must be one of {DEV_OBJECTIVES}"),
         (t.restart in RESTARTS, f"config.teacher.restart must be one of {RESTARTS}"),
         (t.on_nonfinite in NONFINITE_POLICIES,
          f"config.teacher.on_nonfinite must be one of {NONFINITE_POLICIES}"),

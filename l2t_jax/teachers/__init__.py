@@ -2,7 +2,11 @@
 
 from l2t_jax.teachers.dlf import TEACHER_FORMS, DLFTeacher
 from l2t_jax.teachers.features import (
-    FEATURE_NAMES, NUM_FEATURES, initial_stats, make_stats_fn, student_features,
+    FEATURE_NAMES,
+    NUM_FEATURES,
+    initial_stats,
+    make_stats_fn,
+    student_features,
 )
 
 __all__ = [
