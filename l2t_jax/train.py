@@ -103,9 +103,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rng = jax.random.PRNGKey(config.seed)
     teacher_rng, student_rng = jax.random.split(rng)
 
-    teacher_params = None
-    if config.method != "ce":
-        teacher_params = methods.build_teacher(config, splits.num_classes).init(teacher_rng)
+    teacher_params = None  # CE: the loss has nothing for a teacher to set
     if config.method == "l2t-dlf" and config.teacher.num_episodes:
         episodic = methods.build_episodic(config, splits)
         t = config.teacher
@@ -117,6 +115,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             nonfinite_raises=t.on_nonfinite == "raise",
         )
         teacher_params = state["teacher"]
+    elif config.method != "ce":  # untaught, or taught online during the teaching phase
+        teacher_params = methods.build_teacher(config, splits.num_classes).init(teacher_rng)
 
     teaching = methods.build_teaching(config, splits)
     train_cfg = config.train
