@@ -27,12 +27,15 @@ from flax import traverse_util
 
 from l2t_jax import checkpoint, data, engine, evaluation, methods, metrics, optimizers
 from l2t_jax.errors import ConfigError
+from l2t_jax.losses import dln as dln_lib
 from l2t_jax.students import build_student
 
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
 TEACHER_DIR = "teacher"
 TEACHER_PARAMS_FILE = "teacher_params.npz"
+DLN_PARAMS_FILE = "dln_params.npz"
+DLN_SNAPSHOTS_FILE = "dln_snapshots.npz"
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -115,8 +118,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             nonfinite_raises=t.on_nonfinite == "raise",
         )
         teacher_params = state["teacher"]
-    elif config.method != "ce":  # untaught, or taught online during the teaching phase
-        teacher_params = methods.build_teacher(config, splits.num_classes).init(teacher_rng)
+    elif config.method != "ce":  # untaught, taught online, or a DLN to start from
+        teacher_params = methods.initial_loss_params(config, splits.num_classes, teacher_rng)
 
     teaching = methods.build_teaching(config, splits)
     train_cfg = config.train
@@ -125,10 +128,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         seed=config.seed,
         schedule=Schedule(train_cfg.num_steps, train_cfg.eval_every,
                           train_cfg.checkpoint_every, train_cfg.eval_batch_size),
-        nonfinite_raises=config.method != "ce" and config.teacher.on_nonfinite == "raise",
+        nonfinite_raises=_nonfinite_raises(config),
     )
     if teacher_params is not None:
         save_params(state["teacher"], os.path.join(workdir, TEACHER_PARAMS_FILE))
+    if config.method == "l2t-dln":
+        summary.update(_save_dln(teaching, state, workdir))
     summary = {
         "dataset": config.data.name,
         "noise": f"{config.data.noise_type}:{config.data.noise_rate}",
@@ -229,6 +234,13 @@ def run_phase(method, state, splits: data.Splits, workdir: str, *, seed: int,
     return full_state["method"], summary
 
 
+def _nonfinite_raises(config) -> bool:
+    """Whether the config asks to stop on a non-finite meta-gradient."""
+    section = {"l2t-dlf": "teacher", "l2t-dlf-fixed": "teacher", "l2t-dln": "dln",
+               "l2t-dln-fixed": "dln"}.get(config.method)
+    return section is not None and config[section].on_nonfinite == "raise"
+
+
 def save_params(params, path: str) -> None:
     """Writes a parameter pytree of nested dicts to ``.npz`` (keys joined by ``/``)."""
     flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
@@ -239,6 +251,20 @@ def load_params(path: str) -> dict:
     """Reads what `save_params` wrote, as nested dicts of numpy arrays."""
     with np.load(path) as f:
         return traverse_util.unflatten_dict(dict(f), sep="/")
+
+
+def _save_dln(method: methods.DLNTeaching, state: dict, workdir: str) -> dict:
+    """Writes the final DLN and its snapshots; returns the final DLN's health."""
+    save_params(state["dln"], os.path.join(workdir, DLN_PARAMS_FILE))
+    np.savez(os.path.join(workdir, DLN_SNAPSHOTS_FILE),
+             snapshots=np.asarray(state["snapshots"]), steps=np.asarray(method.snapshot_steps()))
+    probe = {k: float(v) for k, v in dln_lib.probe_dln(state["dln"]).items()}
+    if probe["margin"] <= 0:
+        logging.warning(
+            "the learned DLN is inverted: it rates a confident wrong answer (%.3g) no worse "
+            "than a confident right one (a student can exploit it); see dln/margin in "
+            "metrics.jsonl", probe["margin"])
+    return {f"dln_final_{k}": v for k, v in probe.items()}
 
 
 def _evaluate_splits(method, state: dict, splits: data.Splits, batch_size: int) -> dict:

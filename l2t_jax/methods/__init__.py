@@ -5,21 +5,31 @@
   student is taught by it.
 * ``"l2t-dlf-fixed"``: the same loss family at the teacher's untaught initial
   parameters (separates the loss form from the teaching).
+* ``"l2t-dln"``: L2T-DLN: an LSTM teacher updates the student's loss network while the
+  student trains (`methods.dln.DLNTeaching`).
+* ``"l2t-dln-fixed"``: the same loss network frozen at its initialisation.
 """
 
 from __future__ import annotations
 
+import jax
 import optax
 
 from l2t_jax import engine, optimizers, students, teachers
 from l2t_jax.data import Splits
 from l2t_jax.errors import ConfigError
 from l2t_jax.losses import cross_entropy_loss
+from l2t_jax.losses import dln as dln_lib
 from l2t_jax.methods.dlf import EpisodicTeacherTraining, make_dlf_loss_fn
+from l2t_jax.methods.dln import PROTOCOLS, STUDENT_FEATURE_NAMES, DLNTeaching
 from l2t_jax.methods.teaching import TeacherUpdate, Teaching
 from l2t_jax.objectives import DEV_OBJECTIVES
+from l2t_jax.teachers.lstm import CoordinateLSTM
 
-METHOD_NAMES = ("ce", "l2t-dlf", "l2t-dlf-fixed")
+DLF_METHODS = ("l2t-dlf", "l2t-dlf-fixed")
+DLN_METHODS = ("l2t-dln", "l2t-dln-fixed")
+METHOD_NAMES = ("ce",) + DLF_METHODS + DLN_METHODS
+DLN_INITS = ("released", "warm")
 RESTARTS = ("fixed", "fresh")
 NONFINITE_POLICIES = ("skip", "raise")
 TEACHER_OPTIMIZERS = ("adam", "sgd", "momentum")
@@ -66,19 +76,58 @@ def validate_teacher_config(config) -> None:
         )
 
 
+def validate_dln_config(config) -> None:
+    """Raises a one-line ConfigError for a bad ``dln`` config (DLN methods)."""
+    d = config.dln
+    unroll = d.unroll_steps
+    checks = [
+        (d.init in DLN_INITS, f"config.dln.init must be one of {DLN_INITS}"),
+        (d.protocol in PROTOCOLS, f"config.dln.protocol must be one of {PROTOCOLS}"),
+        (d.objective in DEV_OBJECTIVES, f"config.dln.objective must be one of {DEV_OBJECTIVES}"),
+        (d.on_nonfinite in NONFINITE_POLICIES,
+         f"config.dln.on_nonfinite must be one of {NONFINITE_POLICIES}"),
+        (d.hidden >= 1 and d.depth >= 1, "config.dln.hidden and config.dln.depth must be >= 1"),
+        (d.teacher_hidden >= 1 and d.teacher_cells >= 2,
+         "config.dln.teacher_hidden must be >= 1 and config.dln.teacher_cells >= 2"),
+        (isinstance(unroll, int) and unroll >= 1, "config.dln.unroll_steps must be an int >= 1"),
+        (d.val_batch_size >= 1, "config.dln.val_batch_size must be >= 1"),
+        (d.step_size > 0, "config.dln.step_size must be > 0"),
+        (d.learning_rate > 0, "config.dln.learning_rate must be > 0"),
+        (d.clip_norm >= 0, "config.dln.clip_norm must be >= 0 (0: no clipping)"),
+        (d.warm_steps >= 1, "config.dln.warm_steps must be >= 1"),
+        (d.redraw_every >= 1, "config.dln.redraw_every must be >= 1 (iterations)"),
+        (d.num_snapshots >= 2, "config.dln.num_snapshots must be >= 2"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if config.method == "l2t-dln":
+        for field in ("log_every", "eval_every", "checkpoint_every", "num_steps"):
+            if config.train[field] % unroll:
+                raise ConfigError(
+                    f"config.train.{field} ({config.train[field]}) must be a multiple of "
+                    f"config.dln.unroll_steps ({unroll}): one L2T-DLN iteration trains "
+                    "the student that many steps"
+                )
+
+
 def validate_method_config(config) -> None:
-    """Checks ``config.method`` and, for teaching methods, ``config.teacher``."""
+    """Checks ``config.method`` and its section (``teacher`` for DLF, ``dln`` for DLN)."""
     if config.method not in METHOD_NAMES:
         raise ConfigError(
             f"unknown config.method {config.method!r}; choose one of {METHOD_NAMES}"
         )
-    if config.method != "ce":
-        if "teacher" not in config:
-            raise ConfigError(
-                f"method {config.method!r} needs a config.teacher section "
-                "(see configs/l2t_dlf.py)"
-            )
-        validate_teacher_config(config)
+    for names, section, validate, example in (
+        (DLF_METHODS, "teacher", validate_teacher_config, "configs/l2t_dlf.py"),
+        (DLN_METHODS, "dln", validate_dln_config, "configs/l2t_dln.py"),
+    ):
+        if config.method in names:
+            if section not in config:
+                raise ConfigError(
+                    f"method {config.method!r} needs a config.{section} section "
+                    f"(see {example})"
+                )
+            validate(config)
 
 
 def build_teacher(config, num_classes: int) -> teachers.DLFTeacher:
@@ -89,16 +138,66 @@ def build_teacher(config, num_classes: int) -> teachers.DLFTeacher:
 
 
 def build_teacher_update(config) -> TeacherUpdate:
-    """Estimator, optimizer (with global-norm clipping), objective, non-finite policy."""
-    t = config.teacher
-    if t.optimizer == "adam":
+    """Estimator, optimizer (with global-norm clipping), objective, non-finite policy.
+
+    Read from ``config.teacher`` for L2T-DLF and ``config.dln`` for L2T-DLN (whose
+    teacher is always trained by Adam, as released).
+    """
+    t = config.dln if config.method in DLN_METHODS else config.teacher
+    optimizer = t.get("optimizer", "adam")
+    if optimizer == "adam":
         tx = optax.adam(t.learning_rate)
     else:
-        tx = optax.sgd(t.learning_rate, momentum=0.9 if t.optimizer == "momentum" else None)
+        tx = optax.sgd(t.learning_rate, momentum=0.9 if optimizer == "momentum" else None)
     if t.clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(t.clip_norm), tx)
     return TeacherUpdate(engine.make_estimator(config.engine), tx, t.objective, t.sharpness,
                          t.on_nonfinite)
+
+
+def initial_loss_params(config, num_classes: int, rng: jax.Array):
+    """What the student's loss starts from: DLF teacher parameters or the DLN's ``phi``.
+
+    Args:
+        config: the experiment config (a method other than ``"ce"``).
+        num_classes: C.
+        rng: PRNG key.
+
+    Returns:
+        The parameter pytree the teaching phase starts from.
+    """
+    if config.method in DLF_METHODS:
+        return build_teacher(config, num_classes).init(rng)
+    d = config.dln
+    init_rng, warm_rng = jax.random.split(rng)
+    phi = dln_lib.init_dln(init_rng, d.hidden, d.depth)
+    if d.init == "warm":
+        phi = jax.jit(dln_lib.warm_start_dln, static_argnames=("steps",))(
+            phi, warm_rng, steps=d.warm_steps, sharpness=d.warm_sharpness)
+    return phi
+
+
+def build_dln_teaching(config, splits: Splits) -> DLNTeaching:
+    """The L2T-DLN method (the reported student is the one it trains)."""
+    d = config.dln
+    return DLNTeaching(
+        model=students.build_student(config.student, splits.num_classes),
+        tx=optimizers.make_inner_optimizer(config.optimizer, config.train.num_steps),
+        teacher=CoordinateLSTM(d.teacher_hidden, d.teacher_cells,
+                               len(STUDENT_FEATURE_NAMES) if d.student_features else 0),
+        update=build_teacher_update(config),
+        steps_per_call=d.unroll_steps,
+        batch_size=config.train.batch_size,
+        val_batch_size=d.val_batch_size,
+        dln_step_size=d.step_size,
+        total_steps=config.train.num_steps,
+        num_classes=splits.num_classes,
+        augment=config.data.augment,
+        protocol=d.protocol,
+        redraw_every=d.redraw_every,
+        num_snapshots=d.num_snapshots,
+        preserve_scale=d.preserve_scale,
+    )
 
 
 def _stats_builder(config, model):
@@ -127,15 +226,17 @@ def build_episodic(config, splits: Splits) -> EpisodicTeacherTraining:
     )
 
 
-def build_teaching(config, splits: Splits) -> Teaching:
-    """The phase that trains the reported student: CE, or under a DLF teacher."""
+def build_teaching(config, splits: Splits) -> Teaching | DLNTeaching:
+    """The phase that trains the reported student: CE, under a DLF teacher or a DLN."""
+    if config.method == "l2t-dln":
+        return build_dln_teaching(config, splits)
     model = students.build_student(config.student, splits.num_classes)
     tx = optimizers.make_inner_optimizer(config.optimizer, config.train.num_steps)
     common = dict(model=model, tx=tx, augment=config.data.augment,
                   batch_size=config.train.batch_size)
-    if config.method == "ce":
-        return Teaching(loss_fn=cross_entropy_loss, steps_per_call=config.train.log_every,
-                        **common)
+    if config.method in ("ce", "l2t-dln-fixed"):
+        loss_fn = cross_entropy_loss if config.method == "ce" else dln_lib.dln_loss
+        return Teaching(loss_fn=loss_fn, steps_per_call=config.train.log_every, **common)
     t = config.teacher
     online = config.method == "l2t-dlf" and t.teach_online
     return Teaching(

@@ -1,0 +1,276 @@
+"""L2T-DLN: an LSTM teacher updates the student's loss network while the student trains.
+
+One outer step is one iteration of the released algorithm, on K training batches and
+one validation batch:
+
+A. *DLN state*: from the current student w, unroll K differentiable SGD steps on the
+   DLN loss phi; g = d CE_val / d phi through the unroll (one `jax.grad` over the whole
+   DLN pytree, by the configured estimator), stop-gradiented.
+B. *Teacher learning*: phi' = phi - step_size * LSTM_psi(preprocess(g)); unroll again
+   from the same w on the same K batches with phi'(psi); d CE_val / d psi is the
+   gradient at phi' pulled back through phi'(psi) (second order through the unroll);
+   one guarded optimizer step on psi.
+C. *Student learning*: the student keeps the weights (and BatchNorm statistics) from
+   unroll B; DLN := phi'; the LSTM memory := its new state (both stop-gradiented).
+
+BatchNorm: running statistics are part of the student state carried through both
+unrolls (`engine.StudentState.model_state`), the validation CE reads the student in
+eval mode (running statistics), and stage C keeps the statistics of unroll B, so the
+evaluated student is the one that was trained. (The released code copies back only the
+parameters, leaving the evaluated statistics at their initial values.)
+
+Data: the fixed protocol (default) draws training batches from the train split and
+validation batches from the dev split; the redraw protocol splits the train split into
+two random halves (student-train, meta-validation), re-drawn every `redraw_every`
+iterations, as the authors do on CIFAR (25k / 25k).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+
+from l2t_jax import data, engine
+from l2t_jax.losses import dln as dln_lib
+from l2t_jax.methods.teaching import TeacherUpdate, Teaching
+from l2t_jax.teachers.lstm import CoordinateLSTM
+
+PROTOCOLS = ("fixed", "redraw")
+STUDENT_FEATURE_NAMES = ("iteration_fraction", "train_ce", "val_ce")
+
+
+class DLNMetaGradients(NamedTuple):
+    """What stages A and B compute in one iteration.
+
+    Attributes:
+        hypergrad: (N,) stage A's d CE_val / d phi, flattened (zeros if non-finite).
+        hypergrad_finite: whether it was finite.
+        objective_a: stage A's validation CE (under the old DLN).
+        steps: (N,) the teacher's proposed steps h (zeros if the hypergradient was not
+            finite).
+        new_dln: phi' = phi - step_size * h.
+        memory: the LSTM's new memory (the old one if the hypergradient was not finite).
+        result_b: stage B's unroll: value (validation CE under phi'), the teacher's
+            gradient d CE_val / d psi as ``grad``, the trained student as ``state``.
+    """
+
+    hypergrad: jax.Array
+    hypergrad_finite: jax.Array
+    objective_a: jax.Array
+    steps: jax.Array
+    new_dln: dict
+    memory: dict
+    result_b: engine.MetaGradient
+
+
+@dataclasses.dataclass(frozen=True)
+class DLNTeaching:
+    """The L2T-DLN method; state ``{"student", "dln", "teacher", "teacher_opt",
+    "memory", "snapshots"}``.
+
+    Attributes:
+        model: the Flax student.
+        tx: the student's optimizer (plain SGD 0.1 in the paper).
+        teacher: the LSTM's structure (``num_extra_inputs`` = 3 with student features).
+        update: estimator (stage A and B unrolls), the teacher's optimizer, the
+            validation objective (``"cross_entropy"`` in the paper) and non-finite policy.
+        steps_per_call: K, student steps per iteration.
+        batch_size: training batch size.
+        val_batch_size: validation examples per iteration.
+        dln_step_size: the DLN step ``phi <- phi - dln_step_size * h``.
+        total_steps: the run's length in student steps (for the iteration fraction and
+            the snapshot schedule).
+        num_classes: C (the student-state features divide losses by log C).
+        augment: augmentation kind, applied to training and validation batches.
+        protocol: ``"fixed"`` or ``"redraw"`` (see the module docstring).
+        redraw_every: iterations between re-drawn splits (``"redraw"``).
+        num_snapshots: DLNs kept for plots (`snapshot_steps`).
+        preserve_scale: rescale the DLN after every update to the spread it had before
+            it (`losses.dln.match_surface_scale`), so the teacher changes the loss's
+            shape but not its scale (not in the released code; see ``docs/l2t_dln.md``).
+    """
+
+    model: nn.Module
+    tx: optax.GradientTransformation
+    teacher: CoordinateLSTM
+    update: TeacherUpdate
+    steps_per_call: int
+    batch_size: int
+    val_batch_size: int
+    dln_step_size: float
+    total_steps: int
+    num_classes: int
+    augment: str = "none"
+    protocol: str = "fixed"
+    redraw_every: int = 250
+    num_snapshots: int = 6
+    preserve_scale: bool = False
+
+    @property
+    def _inner(self) -> Teaching:
+        """The student's step and training batches, shared with the CE / fixed-DLN runs."""
+        return Teaching(self.model, self.tx, dln_lib.dln_loss, self.augment,
+                        self.steps_per_call, self.batch_size)
+
+    def snapshot_steps(self) -> list[int]:
+        """The student steps at which the rows of ``state["snapshots"]`` are taken.
+
+        Evenly spaced iterations from 0 to the end (rows repeat on very short runs).
+        """
+        iterations = self.total_steps // self.steps_per_call
+        last = max(1, self.num_snapshots - 1)
+        return [self.steps_per_call * round(i * iterations / last)
+                for i in range(self.num_snapshots)]
+
+    def init(self, rng: jax.Array, splits: data.Splits, dln: dict) -> dict:
+        """A fresh student (from `rng`), the given DLN, a fresh LSTM and empty memory."""
+        student_rng, teacher_rng = jax.random.split(rng)
+        student = engine.init_student_state(self.model, self.tx, student_rng,
+                                            splits.train.x[:1])
+        params = self.teacher.init(teacher_rng)
+        flat_dln, _ = ravel_pytree(dln)
+        return {
+            "student": student,
+            "dln": dln,
+            "teacher": params,
+            "teacher_opt": self.update.tx.init(params),
+            "memory": self.teacher.init_memory(flat_dln.shape[0]),
+            "snapshots": jnp.zeros((self.num_snapshots, flat_dln.shape[0]), flat_dln.dtype),
+        }
+
+    def _train_and_val_splits(self, splits: data.Splits, seed: int, iteration: int):
+        if self.protocol == "fixed":
+            return splits.train, splits.dev
+        draw = iteration // self.redraw_every
+        order = np.random.default_rng([seed, 1, draw]).permutation(len(splits.train.y))
+        half = len(order) // 2
+
+        def subset(idx):
+            t = splits.train
+            return data.ArraySplit(t.x[idx], t.y[idx], t.y_clean[idx])
+
+        return subset(np.sort(order[:half])), subset(np.sort(order[half:]))
+
+    def batches(self, splits: data.Splits, seed: int, start_step: int) -> dict:
+        """The K training batches of this iteration and its validation batch."""
+        iteration = start_step // self.steps_per_call
+        train, val = self._train_and_val_splits(splits, seed, iteration)
+        batches = self._inner.batches(dataclasses.replace(splits, train=train), seed,
+                                      start_step)
+        val_batch = data.stacked_batches(val, seed=seed + 1, start_step=iteration,
+                                         num_steps=1, batch_size=self.val_batch_size)
+        batches["val"] = {k: v[0] for k, v in val_batch.items()}
+        return batches
+
+    def _student_features(self, student: engine.StudentState, train_ce, val_ce):
+        """Iteration fraction and train / val CE over log(C), stop-gradiented."""
+        log_c = jnp.log(float(self.num_classes))
+        return jax.lax.stop_gradient(jnp.stack([
+            student.step / self.total_steps, train_ce / log_c, val_ce / log_c
+        ]))
+
+    def meta_gradients(self, state: dict, batches: dict) -> DLNMetaGradients:
+        """Stages A and B: the DLN's hypergradient, the proposal and the teacher's gradient.
+
+        Args:
+            state: the method state.
+            batches: from `batches` (``"train"``: K stacked batches, ``"val"``: one).
+
+        Returns:
+            The intermediate results (nothing is updated).
+        """
+        student = state["student"]
+        step_fn = self._inner.step_fn(batches)
+        val = batches["val"]
+        if self.augment != "none":
+            val = {**val, "x": data.augment_batch(jax.random.fold_in(student.rng, 1),
+                                                  val["x"], self.augment)}
+        objective = self.update.dev_objective_fn(self.model, val)
+        estimator = self.update.estimator
+
+        # Stage A: the DLN's hypergradient through the K steps.
+        result_a = estimator(step_fn, objective, state["dln"], student, batches["train"])
+        flat_phi, unravel = ravel_pytree(state["dln"])
+        g, _ = ravel_pytree(result_a.grad)
+        g_finite = jnp.all(jnp.isfinite(g))
+        g = jax.lax.stop_gradient(jnp.where(g_finite, g, 0.0))
+        extra = None
+        if self.teacher.num_extra_inputs:
+            extra = self._student_features(
+                student, result_a.metrics["cross_entropy"].mean(), result_a.value)
+
+        # Stage B: the proposal phi'(psi), the second unroll from the same student on
+        # the same batches, and its gradient at phi' pulled back to psi.
+        def propose(params):
+            steps, memory = self.teacher(params, g, state["memory"], extra)
+            # A non-finite hypergradient proposes nothing (and is counted).
+            steps = jnp.where(g_finite, steps, 0.0)
+            proposal = unravel(flat_phi - self.dln_step_size * steps)
+            if self.preserve_scale:
+                proposal = dln_lib.match_surface_scale(proposal, state["dln"])
+            return proposal, (steps, memory)
+
+        new_phi, pullback, (steps, memory) = jax.vjp(propose, state["teacher"], has_aux=True)
+        result_b = estimator(step_fn, objective, new_phi, student, batches["train"])
+        (teacher_grad,) = pullback(result_b.grad)
+        memory = jax.tree_util.tree_map(
+            lambda new, old: jnp.where(g_finite, new, old), memory, state["memory"])
+        return DLNMetaGradients(
+            hypergrad=g, hypergrad_finite=g_finite, objective_a=result_a.value,
+            steps=steps, new_dln=jax.lax.stop_gradient(new_phi),
+            memory=jax.lax.stop_gradient(memory),
+            result_b=result_b._replace(grad=teacher_grad),
+        )
+
+    def outer_step(self, state: dict, batches: dict):
+        """One L2T-DLN iteration (stages A, B, C); returns ``(state, metrics)``."""
+        m = self.meta_gradients(state, batches)
+        teacher, teacher_opt, meta_metrics = self.update.apply(
+            state["teacher"], state["teacher_opt"], m.result_b
+        )
+        # Stage C: the student of unroll B, the new DLN and memory.
+        flat_phi, _ = ravel_pytree(state["dln"])
+        new_flat, _ = ravel_pytree(m.new_dln)
+        probe = dln_lib.probe_dln(m.new_dln)
+        metrics = {
+            **m.result_b.metrics,
+            **meta_metrics,
+            "meta/objective_stage_a": m.objective_a,
+            "meta/hypergrad_norm": jnp.linalg.norm(m.hypergrad),
+            # Either gradient non-finite counts (the driver may stop on it).
+            "meta/nonfinite": jnp.maximum(meta_metrics["meta/nonfinite"],
+                                          1.0 - m.hypergrad_finite.astype(jnp.float32)),
+            "teacher/update_norm": jnp.linalg.norm(new_flat - flat_phi),
+            "teacher/mean_abs_step": jnp.mean(jnp.abs(m.steps)),
+            "dln/margin": probe["margin"],
+            "dln/grid_min": probe["grid_min"],
+            "dln/inverted": (probe["margin"] <= 0).astype(jnp.float32),
+        }
+        new_state = {
+            "student": m.result_b.state,
+            "dln": m.new_dln,
+            "teacher": teacher,
+            "teacher_opt": teacher_opt,
+            "memory": m.memory,
+            "snapshots": self._record_snapshot(
+                state["snapshots"], state["student"].step, flat_phi,
+                m.result_b.state.step, new_flat),
+        }
+        return new_state, metrics
+
+    def _record_snapshot(self, snapshots, step_before, flat_before, step_after, flat_after):
+        """Writes the DLN into every row whose snapshot step is this one."""
+        marks = jnp.asarray(self.snapshot_steps())
+        snapshots = jnp.where((marks == step_before)[:, None], flat_before, snapshots)
+        return jnp.where((marks == step_after)[:, None], flat_after, snapshots)
+
+    def student(self, state: dict) -> engine.StudentState:
+        """The student to evaluate."""
+        return state["student"]

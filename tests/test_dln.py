@@ -1,0 +1,346 @@
+"""L2T-DLN: loss network, LSTM teacher, the three stages' gradients, end to end."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from configs import l2t_dln
+from l2t_jax import data, engine, methods, metrics, train
+from l2t_jax.errors import ConfigError
+from l2t_jax.losses import dln as dln_lib
+from l2t_jax.methods.dln import DLNTeaching
+from l2t_jax.methods.teaching import TeacherUpdate
+from l2t_jax.students import build_student
+from l2t_jax.teachers.lstm import CoordinateLSTM, preprocess_gradient
+
+C = 4
+
+
+def test_dln_has_the_released_shape_and_init():
+    phi = dln_lib.init_dln(jax.random.PRNGKey(0))
+    assert [phi[f"layer_{i}"].shape for i in range(5)] == [(4, 40)] + [(40, 40)] * 3 + [(40, 1)]
+    assert ravel_pytree(phi)[0].size == 5000
+    hidden = np.concatenate([np.ravel(phi[f"layer_{i}"]) for i in range(1, 4)])
+    assert abs(hidden.std() - np.sqrt(2 / 40)) < 0.02  # 4,800 draws of std 0.224
+
+
+def test_pair_features_and_loss_match_a_loop():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(3, C)))
+    labels = jnp.asarray([0, 2, 3])
+    phi = dln_lib.init_dln(jax.random.PRNGKey(1))
+    s = 1 / (1 + np.exp(-np.asarray(logits)))
+    rows = np.zeros((3, C, 4))
+    for b in range(3):
+        for j in range(C):
+            if j != labels[b]:
+                rows[b, j] = [s[b, labels[b]], s[b, j], 1, 0]
+    np.testing.assert_allclose(dln_lib.pair_features(logits, labels), rows, rtol=1e-6)
+
+    def net(row):
+        x = row
+        for i in range(5):
+            x = x @ np.asarray(phi[f"layer_{i}"])
+            x = np.where(x > 0, x, 0.01 * x) if i < 4 else x
+        return x[0]
+
+    expected = np.mean([net(rows[b, j]) for b in range(3) for j in range(C)])
+    np.testing.assert_allclose(dln_lib.dln_loss(phi, logits, labels), expected, rtol=1e-5)
+    assert net(np.zeros(4)) == 0  # the true class's all-zero row adds nothing
+
+
+def test_gradient_preprocessing_both_branches():
+    g = jnp.asarray([1e-5, 0.5, -2.0, 0.0, -1e-6])
+    out = np.asarray(preprocess_gradient(g, 10.0))
+    small = np.abs(np.asarray(g)) < np.exp(-10)
+    np.testing.assert_allclose(out[~small, 0], np.log(np.abs(np.asarray(g)[~small]) + 1e-8) / 10,
+                               rtol=1e-6)
+    np.testing.assert_array_equal(out[~small, 1], np.sign(np.asarray(g)[~small]))
+    np.testing.assert_array_equal(out[small, 0], -1.0)
+    np.testing.assert_allclose(out[small, 1], np.exp(10) * np.asarray(g)[small], rtol=1e-6)
+
+
+def _torch_style_lstm_stack(params, x, memory, n_cells):
+    """PyTorch's LSTMCell equations, one coordinate at a time, in numpy."""
+    sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    out, new = x, {}
+    for i in range(n_cells):
+        p = {k: np.asarray(v) for k, v in params[f"cell_{i}"].items()}
+        h, c = (np.asarray(memory[f"cell_{i}"][k]) for k in ("h", "c"))
+        gates = p["w_ih"].T @ out + p["b_ih"] + p["w_hh"].T @ h + p["b_hh"]
+        gi, gf, gg, go = np.split(gates, 4)
+        c = sig(gf) * c + sig(gi) * np.tanh(gg)
+        out = sig(go) * np.tanh(c)
+        new[f"cell_{i}"] = (out, c)
+    return out[0], new
+
+
+def test_lstm_teacher_is_pytorch_lstmcell_per_coordinate():
+    teacher = CoordinateLSTM(hidden=8, num_cells=4)
+    params = teacher.init(jax.random.PRNGKey(0))
+    assert float(jnp.abs(params["cell_0"]["w_ih"]).max()) <= 1 / np.sqrt(8)
+    assert float(jnp.abs(params["cell_3"]["w_ih"]).max()) > 1 / np.sqrt(8)  # H = 1: U(-1, 1)
+    n = 5
+    memory = jax.tree_util.tree_map(
+        lambda a: jax.random.normal(jax.random.PRNGKey(a.size), a.shape) * 0.5,
+        teacher.init_memory(n))
+    grads = jnp.asarray([1e-3, -0.2, 3.0, 1e-7, -1e-9])
+    steps, new_memory = teacher(params, grads, memory)
+    inputs = np.asarray(preprocess_gradient(grads))
+    for k in range(n):
+        mem_k = jax.tree_util.tree_map(lambda a, k=k: a[k], memory)
+        ref_step, ref_mem = _torch_style_lstm_stack(params, inputs[k], mem_k, 4)
+        np.testing.assert_allclose(steps[k], ref_step, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(new_memory["cell_2"]["c"][k], ref_mem["cell_2"][1],
+                                   rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(steps).max()) < 1
+
+
+def _method(dtype=jnp.float32, **overrides):
+    model = build_student(
+        __import__("ml_collections").ConfigDict(
+            dict(name="mlp", hidden=(6,), activation="tanh",
+                 dtype="float64" if dtype == jnp.float64 else "float32")), C)
+    settings = dict(
+        model=model, tx=optax.sgd(0.1), teacher=CoordinateLSTM(hidden=8),
+        update=TeacherUpdate(engine.FullBackprop(), optax.adam(1e-3), "cross_entropy"),
+        steps_per_call=3, batch_size=5, val_batch_size=7, dln_step_size=1e-3,
+        total_steps=9, num_classes=C, num_snapshots=4)
+    settings.update(overrides)
+    return DLNTeaching(**settings)
+
+
+def _splits(dtype=np.float32, n=40):
+    rng = np.random.default_rng(0)
+
+    def split(m):
+        y = rng.integers(0, C, m).astype(np.int32)
+        x = (rng.normal(size=(m, 3)) + y[:, None]).astype(dtype)
+        return data.ArraySplit(x, y, y)
+
+    return data.Splits("toy", C, (3,), split(n), split(20), split(20))
+
+
+def _problem(dtype=jnp.float32, **overrides):
+    method = _method(dtype, **overrides)
+    splits = _splits(np.float64 if dtype == jnp.float64 else np.float32)
+    phi = jax.tree_util.tree_map(lambda a: a.astype(dtype),
+                                 dln_lib.init_dln(jax.random.PRNGKey(2), hidden=5, depth=2))
+    state = method.init(jax.random.PRNGKey(3), splits, phi)
+    state = jax.tree_util.tree_map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
+    # A non-zero memory, so every LSTM weight matters.
+    state["memory"] = jax.tree_util.tree_map(
+        lambda a: 0.3 * jnp.sin(jnp.arange(a.size, dtype=dtype).reshape(a.shape)),
+        state["memory"])
+    return method, splits, state, method.batches(splits, seed=0, start_step=0)
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """One float32 problem with its jitted stages, shared by the tests below."""
+    method, splits, state, batches = _problem()
+    return (method, splits, state, batches, jax.jit(method.meta_gradients),
+            jax.jit(method.outer_step))
+
+
+def _python_loop_val_ce(method, state, batches, phi):
+    """K SGD steps on the DLN loss written as a Python loop; CE on the val batch."""
+    params = state["student"].params
+    for k in range(method.steps_per_call):
+        x, y = batches["train"]["x"][k], batches["train"]["y"][k]
+
+        def loss(p, x=x, y=y):
+            return dln_lib.dln_loss(phi, method.model.apply({"params": p}, x), y)
+
+        grads = jax.grad(loss)(params)
+        params = jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, params, grads)
+    logits = method.model.apply({"params": params}, batches["val"]["x"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batches["val"]["y"]).mean()
+
+
+def test_stage_a_hypergradient_matches_central_differences_float64(x64):
+    method, _, state, batches = _problem(jnp.float64)
+    m = jax.jit(method.meta_gradients)(state, batches)
+    flat, unravel = ravel_pytree(state["dln"])
+    value = jax.jit(lambda f: _python_loop_val_ce(method, state, batches, unravel(f)))
+    np.testing.assert_allclose(m.objective_a, value(flat), rtol=1e-12)
+    np.testing.assert_allclose(m.hypergrad, jax.grad(value)(flat), rtol=1e-9, atol=1e-14)
+    # Central differences, coordinate by coordinate, with a step small enough not to
+    # cross a LeakyReLU kink (the spec's warning).
+    eps = 1e-6
+    for i in np.random.default_rng(0).choice(flat.size, 12, replace=False):
+        e = jnp.zeros_like(flat).at[i].set(eps)
+        numeric = (value(flat + e) - value(flat - e)) / (2 * eps)
+        # atol: the differences' round-off is about 1e-16 / eps = 1e-10.
+        np.testing.assert_allclose(m.hypergrad[i], numeric, rtol=1e-5, atol=1e-9)
+    assert float(jnp.abs(m.hypergrad).max()) > 1e-6
+
+
+def test_stage_b_teacher_gradient_matches_a_python_loop_and_differences_float64(x64):
+    method, _, state, batches = _problem(jnp.float64)
+    m = jax.jit(method.meta_gradients)(state, batches)
+    flat, unravel = ravel_pytree(state["dln"])
+
+    def reference(psi):
+        steps, _ = method.teacher(psi, m.hypergrad, state["memory"])
+        return _python_loop_val_ce(method, state, batches,
+                                   unravel(flat - method.dln_step_size * steps))
+
+    reference = jax.jit(reference)
+    np.testing.assert_allclose(m.result_b.value, reference(state["teacher"]), rtol=1e-12)
+    expected = jax.grad(reference)(state["teacher"])
+    got, flat_expected = ravel_pytree(m.result_b.grad)[0], ravel_pytree(expected)[0]
+    np.testing.assert_allclose(got, flat_expected, rtol=1e-8, atol=1e-16)
+    psi, unravel_psi = ravel_pytree(state["teacher"])
+    eps = 1e-5
+    for i in np.argsort(-np.abs(np.asarray(got)))[:5]:
+        e = jnp.zeros_like(psi).at[i].set(eps)
+        numeric = (reference(unravel_psi(psi + e)) - reference(unravel_psi(psi - e))) / (2 * eps)
+        np.testing.assert_allclose(got[i], numeric, rtol=1e-5)
+    np.testing.assert_allclose(ravel_pytree(m.new_dln)[0],
+                               flat - method.dln_step_size * m.steps, rtol=1e-12)
+
+
+def test_outer_step_keeps_unroll_b_student_and_updates_dln_memory_teacher(compiled):
+    method, _, state, batches, meta_gradients, outer_step = compiled
+    m = meta_gradients(state, batches)
+    new, step_metrics = outer_step(state, batches)
+    chex.assert_trees_all_close(new["student"].params, m.result_b.state.params, rtol=1e-5)
+    chex.assert_trees_all_close(new["dln"], m.new_dln, rtol=1e-6)
+    chex.assert_trees_all_close(new["memory"], m.memory, rtol=1e-5, atol=1e-7)
+    assert int(new["student"].step) == method.steps_per_call
+    assert not np.allclose(ravel_pytree(new["teacher"])[0], ravel_pytree(state["teacher"])[0])
+    assert step_metrics["meta/nonfinite"] == 0
+    assert step_metrics["loss"].shape == (3,)  # one per student step of unroll B
+
+
+def test_nonfinite_hypergradient_proposes_nothing_and_skips_the_teacher(compiled):
+    _, _, state, batches, _, outer_step = compiled
+    batches = {**batches, "val": {**batches["val"], "x": batches["val"]["x"].copy()}}
+    batches["val"]["x"][0, 0] = np.nan
+    new, step_metrics = outer_step(state, batches)
+    assert float(step_metrics["meta/nonfinite"]) == 1.0
+    chex.assert_trees_all_equal(new["dln"], state["dln"])
+    chex.assert_trees_all_equal(new["teacher"], state["teacher"])
+    chex.assert_trees_all_equal(new["memory"], state["memory"])
+    assert np.isfinite(ravel_pytree(new["student"].params)[0]).all()
+
+
+def test_snapshots_hold_the_dln_at_their_steps(compiled):
+    method, splits, state, _, _, step = compiled
+    assert method.snapshot_steps() == [0, 3, 6, 9]
+    dlns = [ravel_pytree(state["dln"])[0]]
+    for s in range(3):
+        state, _ = step(state, method.batches(splits, 0, 3 * s))
+        dlns.append(ravel_pytree(state["dln"])[0])
+    np.testing.assert_allclose(state["snapshots"], np.stack(dlns), rtol=1e-6)
+
+
+def test_preserve_scale_keeps_the_surface_spread():
+    method, _, state, batches = _problem(preserve_scale=True, dln_step_size=0.5)
+    new, _ = jax.jit(method.outer_step)(state, batches)
+    axis = jnp.linspace(0, 1, 21)
+
+    def spread(phi):
+        return float(jnp.std(dln_lib.pair_surface(phi, axis[:, None], axis[None, :])))
+
+    assert abs(spread(new["dln"]) - spread(state["dln"])) < 1e-4 * spread(state["dln"])
+    assert not np.allclose(ravel_pytree(new["dln"])[0], ravel_pytree(state["dln"])[0])
+
+
+def test_redraw_protocol_splits_train_into_disjoint_halves_per_draw():
+    method = _method(protocol="redraw", redraw_every=2)
+    splits = _splits()
+    x_index = {tuple(np.round(x, 6)): i for i, x in enumerate(splits.train.x)}
+
+    def members(b):
+        tr = {x_index[tuple(np.round(x, 6))] for x in b["train"]["x"].reshape(-1, 3)}
+        va = {x_index[tuple(np.round(x, 6))] for x in b["val"]["x"]}
+        return tr, va
+
+    draws = [members(method.batches(splits, 0, 3 * it)) for it in range(4)]
+    for tr, va in draws:
+        assert not tr & va  # student-train and meta-validation never share an example
+    first_halves = method._train_and_val_splits(splits, 0, 0)
+    second_halves = method._train_and_val_splits(splits, 0, 2)
+    assert len(first_halves[0].y) == len(first_halves[1].y) == 20
+    assert not np.array_equal(first_halves[0].x, second_halves[0].x)  # re-drawn
+
+
+def test_warm_start_fits_the_soft_margin():
+    phi = dln_lib.init_dln(jax.random.PRNGKey(0))
+    warm = jax.jit(dln_lib.warm_start_dln)(phi, jax.random.PRNGKey(1))
+    grid = jnp.linspace(0, 1, 11)
+    target = dln_lib.soft_margin_target(grid[:, None], grid[None, :], 4.0)
+    error = jnp.abs(dln_lib.pair_surface(warm, grid[:, None], grid[None, :]) - target)
+    assert float(error.mean()) < 0.05
+    assert float(dln_lib.probe_dln(warm)["margin"]) > 3
+
+
+@pytest.mark.parametrize("arg, method", [
+    ("digits,noisy,smoke,warm", "l2t-dln-fixed"),
+    ("fake_cifar10,smoke", "l2t-dln"),  # the released wide ResNet-8 and redraw protocol
+])
+def test_smoke_runs_end_to_end(tmp_path, arg, method):
+    config = l2t_dln.get_config(arg)
+    config.method = method
+    config.train.update(num_steps=10, checkpoint_every=10)
+    summary = train.train_and_evaluate(config, str(tmp_path))
+    assert summary["method"] == method and 0 <= summary["test_error"] <= 100
+    assert metrics.read_metrics(str(tmp_path))[-1]["step"] == 10
+
+
+def test_dln_run_writes_its_records_and_resumes_exactly(tmp_path, monkeypatch):
+    config = l2t_dln.get_config("digits,noisy,smoke")
+    reference = train.train_and_evaluate(config, str(tmp_path / "reference"))
+    records = metrics.read_metrics(str(tmp_path / "reference"))
+    assert [r["step"] for r in records] == list(range(5, 21, 5))
+    assert all(r["meta/nonfinite"] == 0 and "teacher/update_norm" in r for r in records)
+    snapshots = np.load(tmp_path / "reference" / train.DLN_SNAPSHOTS_FILE)["snapshots"]
+    assert snapshots.shape == (6, 5000)
+    assert "dln_final_margin" in reference
+
+    original = DLNTeaching.batches
+
+    def crash_at_step_15(self, splits, seed, start_step):
+        if start_step == 15:
+            raise RuntimeError("simulated crash")
+        return original(self, splits, seed, start_step)
+
+    monkeypatch.setattr(DLNTeaching, "batches", crash_at_step_15)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.train_and_evaluate(config, str(tmp_path / "crashed"))
+    monkeypatch.undo()
+    resumed = train.train_and_evaluate(config, str(tmp_path / "crashed"))
+    assert resumed["test_error"] == reference["test_error"]
+    assert resumed["dln_final_margin"] == reference["dln_final_margin"]
+    strip = [{k: v for k, v in r.items() if k != "time"} for r in records]
+    assert strip == [{k: v for k, v in r.items() if k != "time"}
+                     for r in metrics.read_metrics(str(tmp_path / "crashed"))]
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("dln.protocol", "shuffle", "config.dln.protocol"),
+    ("dln.init", "zeros", "config.dln.init"),
+    ("dln.unroll_steps", 0, "config.dln.unroll_steps"),
+    ("dln.step_size", -1.0, "config.dln.step_size"),
+    ("train.eval_every", 12, "multiple of config.dln.unroll_steps"),
+])
+def test_bad_dln_config_is_rejected(field, value, message):
+    config = l2t_dln.get_config("digits,smoke")
+    section, key = field.split(".")
+    config[section][key] = value
+    with pytest.raises(ConfigError, match=message):
+        train.validate_config(config)
+
+
+def test_dln_method_needs_its_section():
+    config = l2t_dln.get_config("digits,smoke")
+    del config["dln"]
+    with pytest.raises(ConfigError, match="needs a config.dln section"):
+        methods.validate_method_config(config)
