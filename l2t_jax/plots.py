@@ -101,3 +101,52 @@ def plot_dlf_loss(teacher, params: dict, states: list[tuple[int, np.ndarray]], p
     fig.suptitle(title)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
+
+
+def plot_dln_loss(dlns: list[tuple[int, dict]], records: list[dict], path: str,
+                  title: str = "", grid_size: int = 41) -> None:
+    """Draws an L2T-DLN run: the loss network's surface over training, and the teacher.
+
+    Top row: the DLN's value on a 1-vs-1 row ``[s_y, s_j, 1, 0]`` as a heatmap over
+    (sigmoid z_y, sigmoid z_j) in [0, 1]^2, one panel per snapshot (a loss that still
+    teaches the right thing falls towards s_y = 1, s_j = 0). Bottom: the teacher's update
+    magnitude ||phi' - phi|| per iteration, and the DLN's margin L(0, 1) - L(1, 0) (below
+    zero: the loss prefers wrong answers).
+
+    Args:
+        dlns: ``[(step, phi)]`` snapshots (`methods.dln.DLNTeaching.snapshot_steps`).
+        records: the run's metric records.
+        path: where to write the PNG.
+        title: figure title.
+        grid_size: points per axis of the surface.
+    """
+    from l2t_jax.losses import dln as dln_lib  # plots stay importable without the method
+
+    axis = jnp.linspace(0.0, 1.0, grid_size)
+    surfaces = [np.asarray(dln_lib.pair_surface(phi, axis[:, None], axis[None, :]))
+                for _, phi in dlns]
+    fig = plt.figure(figsize=(3.0 * len(dlns) + 1, 6.4))
+    grid = fig.add_gridspec(2, len(dlns))
+    for i, ((step, _), surface) in enumerate(zip(dlns, surfaces)):
+        ax = fig.add_subplot(grid[0, i])
+        # Each panel on its own colour scale: the shape matters, and scales can differ a lot.
+        image = ax.imshow(surface, origin="lower", extent=(0, 1, 0, 1), cmap="viridis")
+        ax.set(title=f"step {step}", xlabel="s_j (wrong class)",
+               ylabel="s_y (true class)" if i == 0 else None)
+        fig.colorbar(image, ax=ax, shrink=0.7)
+    half = max(1, len(dlns) // 2)
+    teacher_records = [r for r in records if "teacher/update_norm" in r]
+    steps = [r["step"] for r in teacher_records]
+    for column, (key, label) in enumerate((
+            ("teacher/update_norm", "teacher update ||phi' - phi||"),
+            ("dln/margin", "DLN margin L(0,1) - L(1,0)"))):
+        ax = fig.add_subplot(grid[1, column * half:(column + 1) * half or None])
+        ax.plot(steps, [r[key] for r in teacher_records], lw=0.8)
+        if key == "dln/margin":
+            ax.axhline(0.0, color="k", lw=0.6, ls=":")
+        ax.set(xlabel="student step", title=label)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

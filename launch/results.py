@@ -2,13 +2,24 @@ r"""Regenerates the results tables: every method on every dataset, clean and noi
 
   python -m launch.results --workdir=/tmp/l2t_results            # everything (hours)
   python -m launch.results --datasets=digits --seeds=8 --workdir=/tmp/l2t_results
+  python -m launch.results --methods=ce-long,l2t-dln-fixed,l2t-dln --workdir=/tmp/l2t_results
 
-Each (dataset, noise, method, seed) is one `launch.train`-equivalent run of
-configs/l2t_dlf.py (methods differ only in `config.method`, so students, optimizers, step
-budgets and dev selection are identical), in WORKDIR/<dataset>_noise<rate>/<method>/s<seed>;
-finished runs are reused, so the command can be interrupted and repeated. Writes
-docs/results/<dataset>_noise<rate>.json (test error in percent, dev-selected, per seed)
-and the table docs/results.md.
+Each (dataset, noise, method, seed) is one `launch.train`-equivalent run, in
+WORKDIR/<dataset>_noise<rate>/<method>/s<seed>; finished runs are reused, so the command
+can be interrupted and repeated. A method name here is a row of `METHODS`: a config
+file, its options and the method, so that methods compared in one group share the
+student, optimizer, step budget and dev selection:
+
+* L2T-DLF group (configs/l2t_dlf.py: the episode length T, the DLF student optimizer):
+  ``ce``, ``l2t-dlf-fixed``, ``l2t-dlf``.
+* L2T-DLN group (configs/l2t_dln.py: plain SGD 0.1, batch 25, K = 15, 400 iterations on
+  the small datasets): ``ce-long`` (cross-entropy on that schedule), ``l2t-dln-fixed`` and
+  ``l2t-dln`` (the released set-up), ``l2t-dln-warm-fixed`` and ``l2t-dln-warm`` (the DLN
+  warm-started on a soft margin, and taught with its scale preserved).
+
+Writes docs/results/<dataset>_noise<rate>.json (test error in percent, dev-selected, per
+seed; records of other methods already in the file are kept) and the table
+docs/results.md from every JSON file there.
 """
 
 import json
@@ -18,13 +29,25 @@ import numpy as np
 from absl import app, flags, logging
 
 import launch
-from configs import l2t_dlf
+from configs import l2t_dlf, l2t_dln
 from l2t_jax import train
+
+# name -> (config module, extra config options, config.method, overrides)
+METHODS = {
+    "ce": (l2t_dlf, "", "ce", {}),
+    "l2t-dlf-fixed": (l2t_dlf, "", "l2t-dlf-fixed", {}),
+    "l2t-dlf": (l2t_dlf, "", "l2t-dlf", {}),
+    "ce-long": (l2t_dln, "", "ce", {}),
+    "l2t-dln-fixed": (l2t_dln, "", "l2t-dln-fixed", {}),
+    "l2t-dln": (l2t_dln, "", "l2t-dln", {}),
+    "l2t-dln-warm-fixed": (l2t_dln, ",warm", "l2t-dln-fixed", {}),
+    "l2t-dln-warm": (l2t_dln, ",warm", "l2t-dln", {"preserve_scale": True}),
+}
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the individual runs live.")
 _DATASETS = flags.DEFINE_list("datasets", ["digits", "mnist_5k", "mnist1d"], "Dataset variants.")
 _NOISE = flags.DEFINE_list("noise", ["0.0", "0.4"], "Symmetric training-label noise rates.")
-_METHODS = flags.DEFINE_list("methods", ["ce", "l2t-dlf-fixed", "l2t-dlf"], "Methods.")
+_METHODS = flags.DEFINE_list("methods", list(METHODS), "Methods (rows of METHODS).")
 _SEEDS = flags.DEFINE_integer("seeds", 8, "Seeds 0 .. n-1 (init, data order, teacher).")
 _OUT = flags.DEFINE_string("out", "docs", "Where results.md and results/ are written.")
 flags.mark_flag_as_required("workdir")
@@ -37,8 +60,11 @@ def run_one(dataset: str, noise: float, method: str, seed: int) -> dict:
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
-    config = l2t_dlf.get_config(dataset)
-    config.method, config.seed = method, seed
+    module, options, config_method, overrides = METHODS[method]
+    config = module.get_config(dataset + options)
+    config.method, config.seed = config_method, seed
+    if overrides:
+        config.dln.update(overrides)
     if noise:
         config.data.update(noise_type="symmetric", noise_rate=noise)
     logging.info("running %s noise %s %s seed %d", dataset, noise, method, seed)
@@ -49,8 +75,11 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     launch.quiet_library_logging()
-    os.makedirs(os.path.join(_OUT.value, "results"), exist_ok=True)
-    rows = []
+    unknown = [m for m in _METHODS.value if m not in METHODS]
+    if unknown:
+        raise app.UsageError(f"unknown --methods {unknown}; choose from {list(METHODS)}")
+    results_dir = os.path.join(_OUT.value, "results")
+    os.makedirs(results_dir, exist_ok=True)
     for dataset in _DATASETS.value:
         for noise in (float(n) for n in _NOISE.value):
             records = []
@@ -63,10 +92,19 @@ def main(argv):
                     "test_error": errors, "mean": float(np.mean(errors)),
                     "std": float(np.std(errors, ddof=1)) if len(errors) > 1 else 0.0,
                 })
-            with open(os.path.join(_OUT.value, "results", f"{dataset}_noise{noise}.json"),
-                      "w") as f:
+            path = os.path.join(results_dir, f"{dataset}_noise{noise}.json")
+            kept = []
+            if os.path.exists(path):
+                with open(path) as f:
+                    kept = [r for r in json.load(f) if r["method"] not in _METHODS.value]
+            order = list(METHODS)
+            records = sorted(kept + records, key=lambda r: order.index(r["method"]))
+            with open(path, "w") as f:
                 json.dump(records, f, indent=2)
-            rows.extend(records)
+    rows = []
+    for name in sorted(os.listdir(results_dir)):
+        with open(os.path.join(results_dir, name)) as f:
+            rows.extend(json.load(f))
     table = write_table(rows, os.path.join(_OUT.value, "results.md"))
     print(table)
 
@@ -84,9 +122,10 @@ def write_table(rows: list[dict], path: str) -> str:
                      (dataset, noise, method)]
             cells.append(f"{match[0]['mean']:.2f} +- {match[0]['std']:.2f}" if match else "")
         lines.append(f"| {dataset} | {noise} | {student} | " + " | ".join(cells) + " |")
-    n = len(rows[0]["seeds"]) if rows else 0
-    header = (f"Test error (%), mean +- std (sample std) over {n} seeds, each at the step with "
-              "the lowest dev error (never selected on test). Regenerate with "
+    seeds = sorted({len(r["seeds"]) for r in rows})
+    header = (f"Test error (%), mean +- std (sample std) over {'/'.join(map(str, seeds))} "
+              "seeds, each at the step with the lowest dev error (never selected on test). "
+              "Methods are defined in `launch/results.py` (`METHODS`). Regenerate with "
               "`python -m launch.results --workdir=DIR`.\n\n")
     text = header + "\n".join(lines) + "\n"
     with open(path, "w") as f:

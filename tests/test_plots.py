@@ -15,3 +15,21 @@ def test_training_curves_png(tmp_path):
     image = matplotlib.image.imread(path)
     assert image.shape[:2] == (400, 1100)
     assert image[..., :3].std() > 0.05  # something was drawn, not a blank canvas
+
+
+def test_dln_loss_png_draws_each_snapshot_surface(tmp_path):
+    import jax
+
+    from l2t_jax.losses import dln as dln_lib
+
+    dlns = [(step, dln_lib.init_dln(jax.random.PRNGKey(step))) for step in (0, 15, 30)]
+    records = [{"step": s, "teacher/update_norm": 0.01 * s, "dln/margin": 1.0 - 0.1 * s}
+               for s in range(15, 31, 15)]
+    path = tmp_path / "dln_loss.png"
+    plots.plot_dln_loss(dlns, records, str(path), "title", grid_size=9)
+    image = matplotlib.image.imread(path)
+    assert image.shape[:2] == (640, 1000)
+    # The three surface panels differ (each is its own network).
+    top = image[60:280, :, :3]
+    thirds = [top[:, i * 300 + 40:(i + 1) * 300 - 60] for i in range(3)]
+    assert not (thirds[0] == thirds[1]).all() and not (thirds[1] == thirds[2]).all()

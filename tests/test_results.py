@@ -1,0 +1,30 @@
+"""launch.results: every method row builds a valid config; tables and JSON merge."""
+
+import json
+
+import pytest
+
+from l2t_jax import train
+from launch import results
+
+
+@pytest.mark.parametrize("method", list(results.METHODS))
+@pytest.mark.parametrize("dataset", ["digits", "mnist_5k", "mnist1d"])
+def test_every_method_row_is_a_valid_config(method, dataset):
+    module, options, config_method, overrides = results.METHODS[method]
+    config = module.get_config(dataset + options)
+    config.method = config_method
+    if overrides:
+        config.dln.update(overrides)
+    train.validate_config(config)
+
+
+def test_table_has_a_column_per_method_and_a_row_per_setting(tmp_path):
+    rows = [{"dataset": "digits", "noise": n, "student": "mlp", "method": m,
+             "seeds": [0, 1], "test_error": [1.0, 3.0], "mean": 2.0, "std": 1.41}
+            for n in (0.0, 0.4) for m in ("ce", "l2t-dln")]
+    text = results.write_table(rows, str(tmp_path / "results.md"))
+    lines = [line for line in text.splitlines() if line.startswith("| digits")]
+    assert len(lines) == 2 and all(line.count("2.00 +- 1.41") == 2 for line in lines)
+    assert "| ce | l2t-dln |" in text
+    json.dumps(rows)  # the records are plain JSON
