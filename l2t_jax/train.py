@@ -19,6 +19,7 @@ import os
 import time
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -133,7 +134,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if teacher_params is not None:
         save_params(state["teacher"], os.path.join(workdir, TEACHER_PARAMS_FILE))
     if config.method == "l2t-dln":
-        summary.update(_save_dln(teaching, state, workdir))
+        summary.update(_save_dln(teaching, state, workdir, summary))
     summary = {
         "dataset": config.data.name,
         "noise": f"{config.data.noise_type}:{config.data.noise_rate}",
@@ -253,18 +254,41 @@ def load_params(path: str) -> dict:
         return traverse_util.unflatten_dict(dict(f), sep="/")
 
 
-def _save_dln(method: methods.DLNTeaching, state: dict, workdir: str) -> dict:
-    """Writes the final DLN and its snapshots; returns the final DLN's health."""
+# A run whose final dev error is this many points above its best one is reported as
+# collapsed (the learned loss misled the student late in the run).
+COLLAPSE_POINTS = 10.0
+
+
+def _save_dln(method: methods.DLNTeaching, state: dict, workdir: str,
+              summary: dict) -> dict:
+    """Writes the final DLN and its snapshots; returns the DLN's health and collapse flags.
+
+    Flags (also logged as warnings): ``dln_inverted`` (the final DLN rates a confident
+    wrong answer no worse than a confident right one), ``dln_scale_growth`` (the final
+    DLN's spread over its initial one: a large value means the teacher inflated the loss,
+    i.e. the student's step size), ``collapsed`` (final dev error more than
+    `COLLAPSE_POINTS` above the best).
+    """
     save_params(state["dln"], os.path.join(workdir, DLN_PARAMS_FILE))
     np.savez(os.path.join(workdir, DLN_SNAPSHOTS_FILE),
              snapshots=np.asarray(state["snapshots"]), steps=np.asarray(method.snapshot_steps()))
     probe = {k: float(v) for k, v in dln_lib.probe_dln(state["dln"]).items()}
-    if probe["margin"] <= 0:
+    unravel = jax.flatten_util.ravel_pytree(state["dln"])[1]
+    initial = float(dln_lib.probe_dln(unravel(state["snapshots"][0]))["spread"])
+    flags = {
+        "dln_inverted": probe["margin"] <= 0,
+        "dln_scale_growth": probe["spread"] / initial,
+        "collapsed": summary["final_dev_error"] - summary["best_dev_error"] > COLLAPSE_POINTS,
+    }
+    if flags["dln_inverted"]:
+        logging.warning("the learned DLN is inverted (margin %.3g): it rates a confident "
+                        "wrong answer no worse than a confident right one", probe["margin"])
+    if flags["collapsed"]:
         logging.warning(
-            "the learned DLN is inverted: it rates a confident wrong answer (%.3g) no worse "
-            "than a confident right one (a student can exploit it); see dln/margin in "
-            "metrics.jsonl", probe["margin"])
-    return {f"dln_final_{k}": v for k, v in probe.items()}
+            "the student collapsed: final dev error %.2f%% vs best %.2f%% (DLN scale x%.3g); "
+            "see dln/spread and dev/error in metrics.jsonl", summary["final_dev_error"],
+            summary["best_dev_error"], flags["dln_scale_growth"])
+    return {**{f"dln_final_{k}": v for k, v in probe.items()}, **flags}
 
 
 def _evaluate_splits(method, state: dict, splits: data.Splits, batch_size: int) -> dict:

@@ -344,3 +344,20 @@ def test_dln_method_needs_its_section():
     del config["dln"]
     with pytest.raises(ConfigError, match="needs a config.dln section"):
         methods.validate_method_config(config)
+
+
+def test_collapse_inversion_and_scale_growth_are_flagged(tmp_path):
+    method = _method(num_snapshots=2)
+    phi = dln_lib.init_dln(jax.random.PRNGKey(0))
+    flat = ravel_pytree(phi)[0]
+    grown = {**phi, "layer_4": -3.0 * phi["layer_4"]}  # 3x the scale, sign flipped
+    state = {"dln": grown, "snapshots": jnp.stack([flat, ravel_pytree(grown)[0]])}
+    summary = {"final_dev_error": 45.0, "best_dev_error": 12.0}
+    flags = train._save_dln(method, state, str(tmp_path), summary)
+    np.testing.assert_allclose(flags["dln_scale_growth"], 3.0, rtol=1e-5)
+    assert flags["collapsed"]
+    margin = float(dln_lib.probe_dln(phi)["margin"])
+    assert flags["dln_inverted"] == (margin > 0)  # flipping the sign flips the margin
+    healthy = train._save_dln(method, {"dln": phi, "snapshots": state["snapshots"]},
+                              str(tmp_path), {"final_dev_error": 13.0, "best_dev_error": 12.0})
+    assert not healthy["collapsed"] and healthy["dln_scale_growth"] == pytest.approx(1.0)

@@ -99,10 +99,8 @@ def match_surface_scale(phi: dict, reference: dict, grid_size: int = 21) -> dict
     last layer, so this is exact: the loss keeps the reference's scale, and with it the
     student's effective learning rate, and only its shape changes.
     """
-    axis = jnp.linspace(0.0, 1.0, grid_size)
-
     def spread(params):
-        return jnp.std(pair_surface(params, axis[:, None], axis[None, :]))
+        return probe_dln(params, grid_size)["spread"]
 
     last = f"layer_{len(phi) - 1}"
     return {**phi, last: phi[last] * (spread(reference) / spread(phi))}
@@ -162,7 +160,9 @@ def probe_dln(phi: dict, grid_size: int = 21) -> dict:
     Returns:
         ``{"margin": L(s_true=0, s_other=1) - L(s_true=1, s_other=0)`` (> 0 when the loss
         still prefers right answers), ``"grid_min"``, ``"grid_max"``: the extremes of the
-        network over a ``grid_size`` x ``grid_size`` grid.
+        network over a ``grid_size`` x ``grid_size`` grid, ``"spread"``: its standard
+        deviation there (the loss's scale: the student's effective learning rate grows
+        with it).
     """
     axis = jnp.linspace(0.0, 1.0, grid_size)
     surface = pair_surface(phi, axis[:, None], axis[None, :])
@@ -170,4 +170,5 @@ def probe_dln(phi: dict, grid_size: int = 21) -> dict:
         "margin": pair_surface(phi, 0.0, 1.0) - pair_surface(phi, 1.0, 0.0),
         "grid_min": surface.min(),
         "grid_max": surface.max(),
+        "spread": surface.std(),
     }
