@@ -47,8 +47,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from _records import write_records
 
+from benchmarks._records import write_records
 from l2t_jax import engine
 from l2t_jax.optimizers import make_inner_optimizer
 from l2t_jax.students import _layers, build_student, cnn1d, lenet
