@@ -361,3 +361,17 @@ def test_collapse_inversion_and_scale_growth_are_flagged(tmp_path):
     healthy = train._save_dln(method, {"dln": phi, "snapshots": state["snapshots"]},
                               str(tmp_path), {"final_dev_error": 13.0, "best_dev_error": 12.0})
     assert not healthy["collapsed"] and healthy["dln_scale_growth"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("variant", ["digits", "mnist_5k", "mnist1d", "mnist1d_cnn", "cifar10",
+                                     "cifar100", "fake_cifar10"])
+def test_every_config_variant_validates_with_the_released_defaults(variant):
+    config = l2t_dln.get_config(variant)
+    train.validate_config(config)
+    d = config.dln
+    assert (d.unroll_steps, d.val_batch_size, d.step_size, d.learning_rate) == (15, 100, 1e-3, 1e-3)
+    assert (config.optimizer.name, config.optimizer.learning_rate) == ("sgd", 0.1)
+    assert config.train.batch_size == 25
+    if variant.startswith(("cifar", "fake_cifar")):
+        assert config.student.name == "resnet_wide" and d.protocol == "redraw"
+        assert config.train.num_steps == 10 * 250 * 15  # 10 outer loops x 250 iterations
