@@ -23,6 +23,11 @@ episodes, 4.1% test error vs CE's 2.7%; the smoothed error stops pushing once de
 examples are right with a margin.) The teaching phase trains a fresh student for
 `train.num_steps` (= the episode length T, the trajectory the teacher was trained on)
 and reports the dev-selected test error.
+
+Population (issue 6): `--config.teacher.population_size=P` trains P students per episode
+(own inits and data orders, one vmapped program) and averages the teacher's
+meta-gradient over them; `--config.mesh.population=-1` (and/or `--config.mesh.data`)
+spreads them over all devices (see README, "Multi-host").
 """
 
 import ml_collections
@@ -58,7 +63,10 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
         checkpoint_every=20,        # episodes
         teach_online=False,         # keep the teacher learning while teaching
         online_window=10,           # steps per online teacher update
+        population_size=1,          # students per episode (meta-gradient averaged)
     ))
+    # Devices: sizes of the (population, data) mesh, -1 = the rest; all 1: one device.
+    config.mesh = ml_collections.ConfigDict(dict(population=1, data=1))
 
     if variant == "digits":
         config.student.update(hidden=(128,), activation="tanh")

@@ -26,6 +26,12 @@ dev set is clean when the training labels are noisy).
 soft margin softplus(4 (s_j - s_y)) (500 Adam steps): a random DLN can point the wrong
 way, and the teacher's 1e-3 steps are slow to undo it (the spec's probe: 1 of 3 seeds
 learned from the random init on noisy digits).
+
+Population (issue 6, not in the released code): `--config.dln.population_size=P` trains
+P students (own inits and batches) under the one DLN and LSTM teacher, averaging stage
+A's hypergradient and stage B's teacher gradient over them; member 0 is the reported
+student. `--config.mesh.population=-1` (and/or `--config.mesh.data`) spreads them over
+all devices.
 """
 
 import ml_collections
@@ -63,7 +69,10 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
         redraw_every=250,           # iterations per re-drawn split
         num_snapshots=6,            # DLNs kept for the plot
         preserve_scale=False,        # keep the DLN's spread (not in the released code)
+        population_size=1,          # students sharing the DLN (gradients averaged)
     ))
+    # Devices: sizes of the (population, data) mesh, -1 = the rest; all 1: one device.
+    config.mesh = ml_collections.ConfigDict(dict(population=1, data=1))
     if "warm" in tokens:
         config.dln.init = "warm"
 

@@ -20,6 +20,10 @@ Multi-host runs call `initialize_distributed` first; each host then builds only 
 part of the input (`host_population_slice`, `host_batch_slice`) and `global_batches`
 assembles the global arrays from the hosts' parts.
 
+Methods hold a `Population` (size and mesh, from ``config.*.population_size`` and
+``config.mesh``) that gives them their students, batches and estimator, so one code path
+serves a single student (nothing stacked) and a population.
+
 Architectures must match across a population: `jax.vmap` needs every student's
 parameters to have the same shapes. Students of different widths or depths are separate
 populations (separate calls), whose meta-gradients a method may average itself.
@@ -602,3 +606,135 @@ def global_batches(
         return jax.make_array_from_process_local_data(sharding, np.asarray(local), tuple(shape))
 
     return jax.tree_util.tree_map(assemble, local_batches)
+
+
+# --------------------------------------------------------------------------- methods
+
+
+def member_seeds(seed: int, population_size: int) -> list[int]:
+    """One data-order seed per member: member 0 keeps `seed`, the others derive from it.
+
+    Member 0 therefore sees the batches a single student run with `seed` sees; member
+    i > 0 draws from ``SeedSequence([seed, i])``, so populations of different runs do
+    not share orders (``seed + i`` would: run 0's member 1 would be run 1's member 0).
+
+    Args:
+        seed: the run's data-order seed.
+        population_size: P.
+
+    Returns:
+        P integer seeds.
+    """
+    derived = [int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+               for i in range(1, population_size)]
+    return [seed, *derived]
+
+
+def member_rngs(rng: jax.Array, population_size: int) -> jax.Array:
+    """One PRNG key per member: member 0 keeps `rng`, member i gets ``fold_in(rng, i)``.
+
+    Args:
+        rng: a PRNG key (may be traced).
+        population_size: P.
+
+    Returns:
+        (P, 2) keys, for `init_population`.
+    """
+    return jnp.stack([rng] + [jax.random.fold_in(rng, i) for i in range(1, population_size)])
+
+
+@dataclasses.dataclass(frozen=True)
+class Population:
+    """How many students a method trains under one teacher, and on which mesh.
+
+    A method holds one and asks it for its students, batches and estimator, so the
+    single-student path (``size=1``, no mesh: nothing stacked) and the population path
+    are one piece of code. Stacked, every student leaf and training-batch leaf has a
+    leading P axis; member 0 is the student a single run with the same rng and seed
+    would start from (`member_rngs`, `member_seeds`).
+
+    Attributes:
+        size: P, students per teacher update.
+        mesh: from `make_mesh`; None: one device. With a mesh the students are stacked
+            even when P = 1 (the data axis may still split each batch).
+    """
+
+    size: int = 1
+    mesh: Mesh | None = None
+
+    @property
+    def stacked(self) -> bool:
+        """Whether states and batches carry the leading P axis."""
+        return self.size > 1 or self.mesh is not None
+
+    def estimator(self, estimator: engine.Estimator) -> engine.Estimator:
+        """`estimator` itself, or `PopulationEstimator` around it (on the mesh)."""
+        return PopulationEstimator(estimator, mesh=self.mesh) if self.stacked else estimator
+
+    def vmap(self, fn: Callable) -> Callable:
+        """`fn` over one student, mapped over the members when stacked."""
+        return jax.vmap(fn) if self.stacked else fn
+
+    def init_students(
+        self,
+        model: nn.Module,
+        tx: optax.GradientTransformation,
+        rng: jax.Array,
+        sample_x: jax.Array,
+        stats: PyTree | None = None,
+    ) -> engine.StudentState:
+        """The students: `engine.init_student_state` or `init_population` (`member_rngs`)."""
+        if not self.stacked:
+            return engine.init_student_state(model, tx, rng, sample_x, stats)
+        return init_population(model, tx, member_rngs(rng, self.size), sample_x, stats)
+
+    def batches(
+        self, split: data.ArraySplit, seed: int, *, start_step: int, num_steps: int,
+        batch_size: int,
+    ) -> PyTree:
+        """The training batches: (T, B, ...), or stacked (P, T, B, ...) per `member_seeds`.
+
+        On a mesh each host builds only its members' share of its examples and the
+        result is a global array laid out by `batch_sharding` (`global_batches`).
+        """
+        if not self.stacked:
+            return data.stacked_batches(split, seed=seed, start_step=start_step,
+                                        num_steps=num_steps, batch_size=batch_size)
+        seeds = member_seeds(seed, self.size)
+        if self.mesh is None:
+            return population_batches(split, seeds, start_step=start_step,
+                                      num_steps=num_steps, batch_size=batch_size)
+        local = population_batches(split, seeds[host_population_slice(self.mesh, self.size)],
+                                   start_step=start_step, num_steps=num_steps,
+                                   batch_size=batch_size)
+        examples = host_batch_slice(self.mesh, batch_size)
+        local = jax.tree_util.tree_map(lambda a: a[:, :, examples], local)
+        return global_batches(self.mesh, local, population_size=self.size,
+                              batch_size=batch_size)
+
+    def first(self, tree: PyTree) -> PyTree:
+        """Member 0 of stacked students (the one a method reports); `tree` otherwise."""
+        return jax.tree_util.tree_map(lambda a: a[0], tree) if self.stacked else tree
+
+    def place(self, students: PyTree, shared: PyTree) -> tuple[PyTree, PyTree]:
+        """Puts a method's initial state on the mesh (outside jit); a no-op without one.
+
+        The students go on ``"population"``, everything else is replicated, so that
+        the jitted outer step and a checkpoint restored into this template agree on
+        the devices.
+
+        Args:
+            students: the stacked students.
+            shared: the rest of the state (teacher, optimizer state, ...).
+
+        Returns:
+            ``(students, shared)`` as placed.
+        """
+        if self.mesh is None:
+            return students, shared
+        return (jax.device_put(students, population_sharding(self.mesh)),
+                jax.device_put(shared, replicated(self.mesh)))
+
+
+# The default of every method: one student, one device, nothing stacked.
+SINGLE_STUDENT = Population()

@@ -8,6 +8,10 @@
 * ``"l2t-dln"``: L2T-DLN: an LSTM teacher updates the student's loss network while the
   student trains (`methods.dln.DLNTeaching`).
 * ``"l2t-dln-fixed"``: the same loss network frozen at its initialisation.
+
+``config.teacher.population_size`` (L2T-DLF episodes) and ``config.dln.population_size``
+(L2T-DLN) train P students per teacher update and average the teacher's gradient over
+them; ``config.mesh`` spreads them (and each batch) over devices (`build_population`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import jax
 import optax
 
-from l2t_jax import engine, optimizers, students, teachers
+from l2t_jax import engine, optimizers, parallel, students, teachers
 from l2t_jax.data import Splits
 from l2t_jax.errors import ConfigError
 from l2t_jax.losses import cross_entropy_loss
@@ -64,6 +68,9 @@ def validate_teacher_config(config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    _validate_population_size(config, "teacher", trains_population=(
+        config.method == "l2t-dlf" and t.num_episodes > 0), what="the teacher's episodes "
+        "(config.teacher.num_episodes >= 1 with method 'l2t-dlf')")
     if config.method == "l2t-dlf" and not (t.num_episodes or t.teach_online):
         raise ConfigError(
             "l2t-dlf needs config.teacher.num_episodes >= 1 or config.teacher.teach_online=True "
@@ -101,6 +108,8 @@ def validate_dln_config(config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    _validate_population_size(config, "dln", trains_population=config.method == "l2t-dln",
+                              what="method 'l2t-dln'")
     if config.method == "l2t-dln":
         for field in ("log_every", "eval_every", "checkpoint_every", "num_steps"):
             if config.train[field] % unroll:
@@ -109,6 +118,44 @@ def validate_dln_config(config) -> None:
                     f"config.dln.unroll_steps ({unroll}): one L2T-DLN iteration trains "
                     "the student that many steps"
                 )
+
+
+def _validate_population_size(config, section: str, trains_population: bool,
+                              what: str) -> None:
+    """Checks ``config.<section>.population_size`` (an int >= 1; > 1 only where used)."""
+    size = config[section].get("population_size", 1)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ConfigError(f"config.{section}.population_size must be an integer >= 1, got "
+                          f"{size!r}")
+    if size > 1 and not trains_population:
+        raise ConfigError(f"config.{section}.population_size > 1 applies to {what} only; "
+                          "set it to 1 here")
+
+
+def build_population(config, section: str, batch_size: int) -> parallel.Population:
+    """The students per teacher update and their mesh, from the config.
+
+    Args:
+        config: the experiment config; reads ``config.<section>.population_size`` and
+            ``config.mesh`` (``{"population": n, "data": m}``, -1 = the rest, see
+            `parallel.mesh_shape`). No ``mesh`` or every size 1: one device, no mesh.
+            Otherwise the mesh spans all devices (of every host).
+        section: ``"teacher"`` (L2T-DLF) or ``"dln"`` (L2T-DLN).
+        batch_size: B of the inner steps (must split over the data axis).
+
+    Returns:
+        The population (`parallel.SINGLE_STUDENT` for P = 1 without a mesh).
+
+    Raises:
+        ConfigError: a bad mesh, or P or B that does not split over it.
+    """
+    size = config[section].get("population_size", 1)
+    spec = config.get("mesh")
+    mesh = None
+    if spec is not None and any(v != 1 for v in dict(spec.items()).values()):
+        mesh = parallel.make_mesh(spec)
+        parallel.check_population_shapes(mesh, size, batch_size)
+    return parallel.Population(size, mesh)
 
 
 def validate_method_config(config) -> None:
@@ -128,6 +175,7 @@ def validate_method_config(config) -> None:
                     f"(see {example})"
                 )
             validate(config)
+            build_population(config, section, config.train.batch_size)  # the mesh fits
 
 
 def build_teacher(config, num_classes: int) -> teachers.DLFTeacher:
@@ -178,7 +226,8 @@ def initial_loss_params(config, num_classes: int, rng: jax.Array):
 
 
 def build_dln_teaching(config, splits: Splits) -> DLNTeaching:
-    """The L2T-DLN method (the reported student is the one it trains)."""
+    """The L2T-DLN method (the reported student is the one it trains: member 0 of a
+    population)."""
     d = config.dln
     return DLNTeaching(
         model=students.build_student(config.student, splits.num_classes),
@@ -197,6 +246,7 @@ def build_dln_teaching(config, splits: Splits) -> DLNTeaching:
         redraw_every=d.redraw_every,
         num_snapshots=d.num_snapshots,
         preserve_scale=d.preserve_scale,
+        population=build_population(config, "dln", config.train.batch_size),
     )
 
 
@@ -223,6 +273,7 @@ def build_episodic(config, splits: Splits) -> EpisodicTeacherTraining:
         features_grad=t.features_grad,
         augment=config.data.augment,
         feature_dev_size=t.feature_dev_size,
+        population=build_population(config, "teacher", config.train.batch_size),
     )
 
 

@@ -8,6 +8,11 @@ Two ways to train the teacher, combinable:
 * online (`teaching.Teaching` with a `TeacherUpdate`): one student trains to the end
   while the teacher is updated every K steps from the meta-gradient through those K
   steps (truncated backprop).
+
+With a population (``config.teacher.population_size`` = P > 1) every episode trains P
+students under the same teacher (each its own start and data order) and the teacher
+follows their averaged meta-gradient; the online mode and the taught student of the
+teaching phase stay single students.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import flax.linen as nn
 import jax
 import optax
 
-from l2t_jax import data, engine, teachers
+from l2t_jax import data, engine, parallel, teachers
 from l2t_jax.losses import cross_entropy_loss
 from l2t_jax.methods.teaching import StatsBuilder, TeacherUpdate, Teaching
 
@@ -51,7 +56,10 @@ def make_dlf_loss_fn(teacher: teachers.DLFTeacher, total_steps: int,
 class EpisodicTeacherTraining:
     """Teacher training by episodes; one outer step is one episode of T student steps.
 
-    State: ``{"teacher", "teacher_opt", "start": StudentState, "episode", "rng"}``.
+    State: ``{"teacher", "teacher_opt", "start": StudentState, "episode", "rng"}``;
+    with a stacked `population` the start holds P students (every leaf (P, ...)), one
+    episode trains all P from their own starts (``"fixed"``) or fresh inits on their own
+    data orders, and the teacher step uses the meta-gradient averaged over them.
 
     Attributes:
         model: the Flax student.
@@ -67,6 +75,7 @@ class EpisodicTeacherTraining:
         features_grad: see `make_dlf_loss_fn`.
         augment: augmentation kind.
         feature_dev_size: dev examples the dev-error feature reads.
+        population: students per episode and their mesh (default: one student).
     """
 
     model: nn.Module
@@ -81,6 +90,7 @@ class EpisodicTeacherTraining:
     features_grad: bool = False
     augment: str = "none"
     feature_dev_size: int = 512
+    population: parallel.Population = parallel.SINGLE_STUDENT
 
     def _teaching(self, loss_fn, steps_per_call) -> Teaching:
         """The same student step and batches as the teaching phase (one place)."""
@@ -90,35 +100,50 @@ class EpisodicTeacherTraining:
                         feature_dev_size=self.feature_dev_size)
 
     def init(self, rng: jax.Array, splits: data.Splits) -> dict:
-        """The untaught teacher and the episodes' start (CE-pretrained if asked)."""
+        """The untaught teacher and the episodes' start(s) (CE-pretrained if asked)."""
         teacher_rng, student_rng, rng = jax.random.split(rng, 3)
         params = self.teacher.init(teacher_rng)
         start = self._student_init(student_rng, splits.train.x[:1])
         if self.pretrain_steps:
             pretrain = self._teaching(cross_entropy_loss, self.pretrain_steps)
-            batches = pretrain.batches(splits, seed=0, start_step=0)
-            start = jax.jit(pretrain.outer_step)({"student": start, "teacher": None,
-                                                  "teacher_opt": None}, batches)[0]["student"]
-            start = start.replace(step=jax.numpy.zeros_like(start.step),
-                                  opt_state=self.tx.init(start.params),
-                                  stats=teachers.initial_stats(self.teacher.num_classes))
-        return {"teacher": params, "teacher_opt": self.update.tx.init(params),
-                "start": start, "episode": jax.numpy.zeros((), jax.numpy.int32), "rng": rng}
+            batches = pretrain.batches(splits, seed=0, start_step=0, population=self.population)
+            step_fn = pretrain.step_fn(batches)
+
+            def pretrained(student, train):
+                student = engine.unroll(step_fn, None, student, train)[0]
+                return student.replace(
+                    step=jax.numpy.zeros_like(student.step),
+                    opt_state=self.tx.init(student.params),
+                    stats=teachers.initial_stats(self.teacher.num_classes))
+
+            start = jax.jit(self.population.vmap(pretrained))(start, batches["train"])
+        start, shared = self.population.place(start, {
+            "teacher": params, "teacher_opt": self.update.tx.init(params),
+            "episode": jax.numpy.zeros((), jax.numpy.int32), "rng": rng})
+        return {"start": start, **shared}
 
     def _student_init(self, rng: jax.Array, sample_x) -> engine.StudentState:
-        return engine.init_student_state(
+        return self.population.init_students(
             self.model, self.tx, rng, sample_x, teachers.initial_stats(self.teacher.num_classes)
         )
 
     def batches(self, splits: data.Splits, seed: int, start_step: int) -> dict:
-        """One episode's T training batches (a new order each episode) and the dev set."""
-        batches = self._teaching(None, self.steps_per_call).batches(splits, seed, start_step)
+        """One episode's T training batches (a new order each episode) and the dev set.
+
+        Stacked per member, (P, T, B, ...), with a population.
+        """
+        batches = self._teaching(None, self.steps_per_call).batches(
+            splits, seed, start_step, population=self.population)
         batches["dev"] = {"x": splits.dev.x, "y": splits.dev.y}
         batches["sample_x"] = splits.train.x[:1]
         return batches
 
     def outer_step(self, state: dict, batches: dict):
-        """One episode: unroll T steps, exact meta-gradient, guarded teacher update."""
+        """One episode: unroll T steps, exact meta-gradient, guarded teacher update.
+
+        With a population: P unrolls in one vmapped program, the meta-gradient and
+        objective averaged over them; the inner metrics are (P, T).
+        """
         loss_fn = make_dlf_loss_fn(self.teacher, self.steps_per_call, self.features_grad)
         step_fn = self._teaching(loss_fn, self.steps_per_call).step_fn(batches)
         start = state["start"]
@@ -126,7 +151,7 @@ class EpisodicTeacherTraining:
             start = self._student_init(
                 jax.random.fold_in(state["rng"], state["episode"]), batches["sample_x"]
             )
-        result = self.update.estimator(
+        result = self.population.estimator(self.update.estimator)(
             step_fn, self.update.dev_objective_fn(self.model, batches["dev"]),
             state["teacher"], start, batches["train"],
         )

@@ -23,6 +23,14 @@ Data: the fixed protocol (default) draws training batches from the train split a
 validation batches from the dev split; the redraw protocol splits the train split into
 two random halves (student-train, meta-validation), re-drawn every `redraw_every`
 iterations, as the authors do on CIFAR (25k / 25k).
+
+Population (``config.dln.population_size`` = P > 1, not in the released code): P
+students, each with its own weights, initialisation and training batches, share one
+DLN, one LSTM teacher and its memory. Stage A's hypergradient and stage B's teacher
+gradient (and their validation CEs) are averaged over the P students, all evaluated on
+the iteration's one validation batch; in stage C every member keeps its own unroll-B
+weights. The reported and evaluated student is member 0 (`DLNTeaching.student`), which
+starts from the initialisation and data order of a single-student run.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from l2t_jax import data, engine
+from l2t_jax import data, engine, parallel
 from l2t_jax.losses import dln as dln_lib
 from l2t_jax.methods.teaching import TeacherUpdate, Teaching
 from l2t_jax.teachers.lstm import CoordinateLSTM
@@ -95,6 +103,8 @@ class DLNTeaching:
         preserve_scale: rescale the DLN after every update to the spread it had before
             it (`losses.dln.match_surface_scale`), so the teacher changes the loss's
             shape but not its scale (not in the released code; see ``docs/l2t_dln.md``).
+        population: the students sharing the DLN and their mesh (default: one
+            student); ``state["student"]`` is then stacked, every leaf (P, ...).
     """
 
     model: nn.Module
@@ -112,6 +122,7 @@ class DLNTeaching:
     redraw_every: int = 250
     num_snapshots: int = 6
     preserve_scale: bool = False
+    population: parallel.Population = parallel.SINGLE_STUDENT
 
     @property
     def _inner(self) -> Teaching:
@@ -132,18 +143,18 @@ class DLNTeaching:
     def init(self, rng: jax.Array, splits: data.Splits, dln: dict) -> dict:
         """A fresh student (from `rng`), the given DLN, a fresh LSTM and empty memory."""
         student_rng, teacher_rng = jax.random.split(rng)
-        student = engine.init_student_state(self.model, self.tx, student_rng,
-                                            splits.train.x[:1])
+        student = self.population.init_students(self.model, self.tx, student_rng,
+                                                splits.train.x[:1])
         params = self.teacher.init(teacher_rng)
         flat_dln, _ = ravel_pytree(dln)
-        return {
-            "student": student,
+        student, shared = self.population.place(student, {
             "dln": dln,
             "teacher": params,
             "teacher_opt": self.update.tx.init(params),
             "memory": self.teacher.init_memory(flat_dln.shape[0]),
             "snapshots": jnp.zeros((self.num_snapshots, flat_dln.shape[0]), flat_dln.dtype),
-        }
+        })
+        return {"student": student, **shared}
 
     def _train_and_val_splits(self, splits: data.Splits, seed: int, iteration: int):
         if self.protocol == "fixed":
@@ -159,18 +170,26 @@ class DLNTeaching:
         return subset(np.sort(order[:half])), subset(np.sort(order[half:]))
 
     def batches(self, splits: data.Splits, seed: int, start_step: int) -> dict:
-        """The K training batches of this iteration and its validation batch."""
+        """The K training batches of this iteration and its validation batch.
+
+        With a population the training batches are per member, (P, K, B, ...); the
+        validation batch is shared.
+        """
         iteration = start_step // self.steps_per_call
         train, val = self._train_and_val_splits(splits, seed, iteration)
         batches = self._inner.batches(dataclasses.replace(splits, train=train), seed,
-                                      start_step)
+                                      start_step, population=self.population)
         val_batch = data.stacked_batches(val, seed=seed + 1, start_step=iteration,
                                          num_steps=1, batch_size=self.val_batch_size)
         batches["val"] = {k: v[0] for k, v in val_batch.items()}
         return batches
 
     def _student_features(self, student: engine.StudentState, train_ce, val_ce):
-        """Iteration fraction and train / val CE over log(C), stop-gradiented."""
+        """Iteration fraction and train / val CE over log(C), stop-gradiented.
+
+        `student` is one student (member 0 of a population: all members are at the
+        same step); the CEs are the population's means.
+        """
         log_c = jnp.log(float(self.num_classes))
         return jax.lax.stop_gradient(jnp.stack([
             student.step / self.total_steps, train_ce / log_c, val_ce / log_c
@@ -184,16 +203,19 @@ class DLNTeaching:
             batches: from `batches` (``"train"``: K stacked batches, ``"val"``: one).
 
         Returns:
-            The intermediate results (nothing is updated).
+            The intermediate results (nothing is updated); with a population the
+            gradients and objectives are averaged over the members and
+            ``result_b.state`` holds every member's unroll-B student.
         """
         student = state["student"]
+        first = self.population.first(student)
         step_fn = self._inner.step_fn(batches)
         val = batches["val"]
         if self.augment != "none":
-            val = {**val, "x": data.augment_batch(jax.random.fold_in(student.rng, 1),
+            val = {**val, "x": data.augment_batch(jax.random.fold_in(first.rng, 1),
                                                   val["x"], self.augment)}
         objective = self.update.dev_objective_fn(self.model, val)
-        estimator = self.update.estimator
+        estimator = self.population.estimator(self.update.estimator)
 
         # Stage A: the DLN's hypergradient through the K steps.
         result_a = estimator(step_fn, objective, state["dln"], student, batches["train"])
@@ -204,7 +226,7 @@ class DLNTeaching:
         extra = None
         if self.teacher.num_extra_inputs:
             extra = self._student_features(
-                student, result_a.metrics["cross_entropy"].mean(), result_a.value)
+                first, result_a.metrics["cross_entropy"].mean(), result_a.value)
 
         # Stage B: the proposal phi'(psi), the second unroll from the same student on
         # the same batches, and its gradient at phi' pulled back to psi.
@@ -230,7 +252,11 @@ class DLNTeaching:
         )
 
     def outer_step(self, state: dict, batches: dict):
-        """One L2T-DLN iteration (stages A, B, C); returns ``(state, metrics)``."""
+        """One L2T-DLN iteration (stages A, B, C); returns ``(state, metrics)``.
+
+        With a population the inner metrics are (P, K), and each member keeps its own
+        unroll-B student.
+        """
         m = self.meta_gradients(state, batches)
         teacher, teacher_opt, meta_metrics = self.update.apply(
             state["teacher"], state["teacher_opt"], m.result_b
@@ -251,6 +277,7 @@ class DLNTeaching:
             "teacher/mean_abs_step": jnp.mean(jnp.abs(m.steps)),
             "dln/margin": probe["margin"],
             "dln/grid_min": probe["grid_min"],
+            "dln/spread": probe["spread"],
             "dln/inverted": (probe["margin"] <= 0).astype(jnp.float32),
         }
         new_state = {
@@ -260,8 +287,8 @@ class DLNTeaching:
             "teacher_opt": teacher_opt,
             "memory": m.memory,
             "snapshots": self._record_snapshot(
-                state["snapshots"], state["student"].step, flat_phi,
-                m.result_b.state.step, new_flat),
+                state["snapshots"], self.population.first(state["student"]).step, flat_phi,
+                self.population.first(m.result_b.state).step, new_flat),
         }
         return new_state, metrics
 
@@ -272,5 +299,5 @@ class DLNTeaching:
         return jnp.where((marks == step_after)[:, None], flat_after, snapshots)
 
     def student(self, state: dict) -> engine.StudentState:
-        """The student to evaluate."""
-        return state["student"]
+        """The student to evaluate: the only one, or member 0 of a population."""
+        return self.population.first(state["student"])

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import optax
 
-from l2t_jax import data, engine, objectives
+from l2t_jax import data, engine, objectives, parallel
 
 # Builds the step's stats update from the dev arrays of a call, or None.
 StatsBuilder = Callable[[jax.Array, jax.Array], engine.StatsFn]
@@ -54,6 +54,12 @@ class TeacherUpdate:
     def apply(self, teacher: Any, opt_state: Any, result: engine.MetaGradient):
         """One guarded teacher step from a meta-gradient.
 
+        Args:
+            teacher: the teacher's parameters.
+            opt_state: its optimizer state.
+            result: the meta-gradient; from a population (`parallel.PopulationEstimator`)
+                its ``aux["dev_error"]`` is per student, (P,), and is reported averaged.
+
         Returns:
             ``(teacher, opt_state, metrics)``; the update is skipped (both unchanged)
             when the gradient or the objective is not finite.
@@ -70,7 +76,7 @@ class TeacherUpdate:
             "meta/objective": result.value,
             "meta/grad_norm": optax.tree.norm(result.grad),
             "meta/nonfinite": 1.0 - finite.astype(np.float32),
-            "meta/dev_error": 100.0 * result.aux["dev_error"],
+            "meta/dev_error": 100.0 * jax.numpy.mean(result.aux["dev_error"]),
         }
         return (keep_if_finite(new_teacher, teacher), keep_if_finite(new_opt_state, opt_state),
                 metrics)
@@ -117,10 +123,23 @@ class Teaching:
         opt_state = self.teacher_update.tx.init(teacher) if self.teacher_update else None
         return {"student": student, "teacher": teacher, "teacher_opt": opt_state}
 
-    def batches(self, splits: data.Splits, seed: int, start_step: int) -> dict:
-        """The training batches of one call and the dev arrays it reads."""
-        batches = {"train": data.stacked_batches(
-            splits.train, seed=seed, start_step=start_step, num_steps=self.steps_per_call,
+    def batches(self, splits: data.Splits, seed: int, start_step: int,
+                population: parallel.Population = parallel.SINGLE_STUDENT) -> dict:
+        """The training batches of one call and the dev arrays it reads.
+
+        Args:
+            splits: the data.
+            seed: data-order seed.
+            start_step: the call's first student step.
+            population: for methods that train a population with this step: then
+                ``"train"`` is stacked per member, (P, T, B, ...) (`parallel.Population.
+                batches`); the default is this phase's single student, (T, B, ...).
+
+        Returns:
+            ``{"train", "feature_dev" (with a stats builder), "dev" (while teaching)}``.
+        """
+        batches = {"train": population.batches(
+            splits.train, seed, start_step=start_step, num_steps=self.steps_per_call,
             batch_size=self.batch_size)}
         if self.stats_builder is not None:
             batches["feature_dev"] = {"x": splits.dev.x[: self.feature_dev_size],
