@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from benchmarks import remat
-from benchmarks._records import write_records
+from benchmarks._records import timing_record, write_records
 
 # name -> (config variant, input shape, classes)
 STUDENTS = {
@@ -69,24 +69,12 @@ def bench(name: str, remat_policy: str, repeats: int, threads: int) -> dict:
     other_cores = ((others_after[0] - others_before[0]) - (others_after[1] - others_before[1])
                    ) / wall
     params = sum(x.size for x in jax.tree_util.tree_leaves(state["student"].params))
-    return {
-        "benchmark": f"dln_iteration_cost_remat-{remat_policy}",
-        "framework": "jax",
-        "student": name,
-        "T": method.steps_per_call,
-        "threads": threads,
-        "median_s": float(np.median(times)),
-        "min_s": float(np.min(times)),
-        "max_s": float(np.max(times)),
-        "peak_mb": remat.peak_rss_mb(),
-        "xla_temp_mb": temp_mb,
-        "compile_s": compile_s,
-        "student_params": int(params),
-        "train_batch": config.train.batch_size,
-        "val_batch": config.dln.val_batch_size,
-        "other_processes_cores": other_cores,
-        "hours_for_2500_iterations": float(np.median(times)) * 2500 / 3600,
-    }
+    return timing_record(
+        f"dln_iteration_cost_remat-{remat_policy}", "jax", name, method.steps_per_call, threads,
+        times, remat.peak_rss_mb(), xla_temp_mb=temp_mb, compile_s=compile_s,
+        student_params=int(params), train_batch=config.train.batch_size,
+        val_batch=config.dln.val_batch_size, other_processes_cores=other_cores,
+        hours_for_2500_iterations=float(np.median(times)) * 2500 / 3600)
 
 
 def main(argv=None) -> None:

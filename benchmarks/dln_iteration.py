@@ -23,7 +23,8 @@ import types
 
 import numpy as np
 
-from benchmarks.meta_grad import interleaved_times, peak_rss_growth_mb, record
+from benchmarks._records import timing_record
+from benchmarks.meta_grad import interleaved_times, peak_rss_growth_mb
 
 K, BATCH, VAL_BATCH, LR, DLN_STEP, TEACHER_LR = 15, 25, 100, 0.1, 1e-3, 1e-3
 NUM_CLASSES = 10
@@ -211,7 +212,7 @@ def bench(threads: int, repeats: int) -> list[dict]:
         calls["torch"] = torch_call
     times = interleaved_times(calls, repeats)
     return [
-        record("dln_iteration", name, STUDENT, K, threads, times[name],
+        timing_record("dln_iteration", name, STUDENT, K, threads, times[name],
                peak_rss_growth_mb(call), batch=BATCH, val_batch=VAL_BATCH)
         for name, call in calls.items()
     ]

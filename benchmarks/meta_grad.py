@@ -41,6 +41,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from benchmarks._records import timing_record
 from benchmarks.remat import compile_timed, make_forward, make_meta_grad
 from l2t_jax import engine
 from l2t_jax.losses.bilinear import bilinear_sigmoid_loss
@@ -156,22 +157,6 @@ def interleaved_times(calls: dict, repeats: int) -> dict:
     return times
 
 
-def record(benchmark, framework, student, num_steps, threads, times, peak_mb, **extra):
-    return {
-        "benchmark": benchmark,
-        "framework": framework,
-        "student": student,
-        "T": num_steps,
-        "threads": threads,
-        "median_s": float(np.median(times)),
-        "min_s": float(np.min(times)),
-        "max_s": float(np.max(times)),
-        "peak_mb": peak_mb,
-        "repeats": len(times),
-        **extra,
-    }
-
-
 def rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
@@ -224,21 +209,21 @@ def bench_case(
 
     common = (student, num_steps, threads)
     records = [
-        record("meta_grad", "jax", *common, times["jax-none"], peaks["jax-none"],
+        timing_record("meta_grad", "jax", *common, times["jax-none"], peaks["jax-none"],
                grad_rel_err=0.0, remat="none"),
-        record("forward_unroll", "jax", *common, times["jax-forward"], peaks["jax-forward"]),
+        timing_record("forward_unroll", "jax", *common, times["jax-forward"], peaks["jax-forward"]),
     ]
     for name in torch_calls:
-        records.append(record("meta_grad", name, *common, times[name], peaks[name],
+        records.append(timing_record("meta_grad", name, *common, times[name], peaks[name],
                               grad_rel_err=errors[name]))
     for policy in remat_policies:
         memory = exes[policy].memory_analysis()
-        records.append(record(
+        records.append(timing_record(
             f"meta_grad_remat_{policy}", "jax", *common, times[f"jax-{policy}"],
             peaks[f"jax-{policy}"], xla_temp_mb=memory.temp_size_in_bytes / MB,
             grad_rel_err=errors[f"jax-remat-{policy}"],
         ))
-        records.append(record(f"compile_remat_{policy}", "jax", *common, compile_s[policy],
+        records.append(timing_record(f"compile_remat_{policy}", "jax", *common, compile_s[policy],
                               None))
     return records
 
@@ -287,7 +272,7 @@ def bench_population(student: str, num_steps: int, threads: int, repeats: int) -
     peaks = {name: peak_rss_growth_mb(call) for name, call in calls.items()}
     common = (student, num_steps, threads)
     return [
-        record(f"population{POPULATION}_{name}", "jax", *common, times[name], peaks[name],
+        timing_record(f"population{POPULATION}_{name}", "jax", *common, times[name], peaks[name],
                xla_temp_mb=exe.memory_analysis().temp_size_in_bytes / MB)
         for name, exe in (("vmap", vmapped), ("sequential", single))
     ]

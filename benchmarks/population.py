@@ -51,7 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 import numpy as np
 
-from benchmarks._records import write_records
+from benchmarks._records import timing_record, write_records
 from benchmarks.remat import (
     compile_timed,
     host_cpu_seconds,
@@ -88,24 +88,11 @@ def make_population(population: int, seed: int):
 
 
 def record(benchmark, population, times, memory, threads, devices=1, mesh=None, **extra):
-    """One record in the project layout."""
-    median = float(np.median(times))
-    return {
-        "benchmark": benchmark,
-        "framework": "jax",
-        "student": STUDENT,
-        "T": NUM_STEPS,
-        "threads": threads,
-        "median_s": median,
-        "min_s": float(np.min(times)),
-        "max_s": float(np.max(times)),
-        "peak_mb": memory.temp_size_in_bytes / MB,
-        "P": population,
-        "devices": devices,
-        "mesh": mesh,
-        "students_steps_per_s": population * NUM_STEPS / median,
-        **extra,
-    }
+    """One record in the project layout (peak_mb: XLA's temporary memory)."""
+    return timing_record(
+        benchmark, "jax", STUDENT, NUM_STEPS, threads, times,
+        memory.temp_size_in_bytes / MB, P=population, devices=devices, mesh=mesh,
+        students_steps_per_s=population * NUM_STEPS / float(np.median(times)), **extra)
 
 
 def bench_population(population: int, repeats: int, threads: int, seed: int) -> list[dict]:

@@ -75,7 +75,8 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict(dict(
         name="digits", data_dir=ml_collections.FieldReference(None, field_type=str),
-        dev_size=300, split_seed=0, noise_type="none", noise_rate=0.0, noise_seed=0,
+        dev_size=300, meta_dev_size=0, split_seed=0, noise_type="none", noise_rate=0.0,
+        noise_seed=0,
         augment="none",
     ))
     config.data.update(settings["data"])

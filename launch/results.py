@@ -16,6 +16,8 @@ student, optimizer, step budget and dev selection:
   the small datasets): ``ce-long`` (cross-entropy on that schedule), ``l2t-dln-fixed`` and
   ``l2t-dln`` (the released set-up), ``l2t-dln-warm-fixed`` and ``l2t-dln-warm`` (the DLN
   warm-started on a soft margin, and taught with its scale preserved).
+* Populations: ``l2t-dlf-pop4`` is ``l2t-dlf`` with the teacher's meta-gradient averaged
+  over 4 students per episode (``teacher.population_size=4``).
 
 Writes docs/results/<dataset>_noise<rate>.json (test error in percent, dev-selected, per
 seed; records of other methods already in the file are kept) and the table
@@ -32,7 +34,7 @@ import launch
 from configs import l2t_dlf, l2t_dln
 from l2t_jax import train
 
-# name -> (config module, extra config options, config.method, overrides)
+# name -> (config module, extra config options, config.method, {"section.field": value})
 METHODS = {
     "ce": (l2t_dlf, "", "ce", {}),
     "l2t-dlf-fixed": (l2t_dlf, "", "l2t-dlf-fixed", {}),
@@ -41,7 +43,8 @@ METHODS = {
     "l2t-dln-fixed": (l2t_dln, "", "l2t-dln-fixed", {}),
     "l2t-dln": (l2t_dln, "", "l2t-dln", {}),
     "l2t-dln-warm-fixed": (l2t_dln, ",warm", "l2t-dln-fixed", {}),
-    "l2t-dln-warm": (l2t_dln, ",warm", "l2t-dln", {"preserve_scale": True}),
+    "l2t-dln-warm": (l2t_dln, ",warm", "l2t-dln", {"dln.preserve_scale": True}),
+    "l2t-dlf-pop4": (l2t_dlf, "", "l2t-dlf", {"teacher.population_size": 4}),
 }
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the individual runs live.")
@@ -53,6 +56,19 @@ _OUT = flags.DEFINE_string("out", "docs", "Where results.md and results/ are wri
 flags.mark_flag_as_required("workdir")
 
 
+def method_config(dataset: str, method: str, noise: float = 0.0):
+    """The config of one `METHODS` row on one dataset variant and training-label noise."""
+    module, options, config_method, overrides = METHODS[method]
+    config = module.get_config(dataset + options)
+    config.method = config_method
+    for dotted, value in overrides.items():
+        section, field = dotted.split(".")
+        config[section][field] = value
+    if noise:
+        config.data.update(noise_type="symmetric", noise_rate=noise)
+    return config
+
+
 def run_one(dataset: str, noise: float, method: str, seed: int) -> dict:
     """Runs (or reuses) one seed of one method; returns its summary."""
     workdir = os.path.join(_WORKDIR.value, f"{dataset}_noise{noise}", method, f"s{seed}")
@@ -60,13 +76,8 @@ def run_one(dataset: str, noise: float, method: str, seed: int) -> dict:
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
-    module, options, config_method, overrides = METHODS[method]
-    config = module.get_config(dataset + options)
-    config.method, config.seed = config_method, seed
-    if overrides:
-        config.dln.update(overrides)
-    if noise:
-        config.data.update(noise_type="symmetric", noise_rate=noise)
+    config = method_config(dataset, method, noise)
+    config.seed = seed
     logging.info("running %s noise %s %s seed %d", dataset, noise, method, seed)
     return train.train_and_evaluate(config, workdir)
 

@@ -220,6 +220,19 @@ def test_splits_are_deterministic_and_split_seed_changes_dev(data_dir):
     assert np.ptp(np.bincount(first.dev.y)) <= 1
 
 
+def test_meta_dev_is_a_stratified_part_of_dev_disjoint_from_selection(data_dir):
+    whole = data.load_splits(make_config(data_dir))
+    assert whole.meta_dev is whole.dev  # default: teachers read the dev split
+    parted = data.load_splits(make_config(data_dir, meta_dev_size=40))
+    assert len(parted.meta_dev.y) == 40 and len(parted.dev.y) == 60
+    np.testing.assert_array_equal(parted.train.x, whole.train.x)  # train is untouched
+    rows = {tuple(x.ravel()) for x in whole.dev.x}
+    meta = {tuple(x.ravel()) for x in parted.meta_dev.x}
+    select = {tuple(x.ravel()) for x in parted.dev.x}
+    assert meta | select == rows and not meta & select
+    assert np.ptp(np.bincount(parted.meta_dev.y)) <= 1
+
+
 # --- Label noise ---------------------------------------------------------------------
 
 
@@ -369,6 +382,7 @@ def test_augment_cifar_crops_shifts_of_the_padded_image_and_flips():
         (dict(augment="autoaugment"), r"unknown config.data.augment 'autoaugment'; choose one"),
         (dict(name="mnist1d", augment="cifar"), r"needs \(H, W, C\) images .* set it to 'none'"),
         (dict(split_seed=-1), r"config.data.split_seed must be an integer >= 0"),
+        (dict(dev_size=100, meta_dev_size=100), r"meta_dev_size must be an integer in \[0, dev"),
         (dict(noise_rte=0.2), r"unknown config.data field\(s\) \['noise_rte'\]"),
     ],
 )

@@ -240,3 +240,19 @@ def test_bad_teacher_config_is_rejected(field, value, message):
     config[section][key] = value
     with pytest.raises(ConfigError, match=message):
         train.validate_config(config)
+
+
+def test_episodes_and_online_teacher_read_the_meta_dev_split():
+    from l2t_jax import data
+
+    config = l2t_dlf.get_config("digits,smoke")
+    config.data.meta_dev_size = 100
+    splits = data.load_splits(config.data)
+    assert len(splits.meta_dev.y) == 100 and len(splits.dev.y) == 200
+    episode = methods.build_episodic(config, splits).batches(splits, seed=0, start_step=0)
+    np.testing.assert_array_equal(episode["dev"]["x"], splits.meta_dev.x)
+    config.teacher.update(num_episodes=0, teach_online=True)
+    online = methods.build_teaching(config, splits).batches(splits, seed=0, start_step=0)
+    np.testing.assert_array_equal(online["dev"]["y"], splits.meta_dev.y)
+    np.testing.assert_array_equal(online["feature_dev"]["x"],
+                                  splits.meta_dev.x[:config.teacher.feature_dev_size])

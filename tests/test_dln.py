@@ -375,3 +375,12 @@ def test_every_config_variant_validates_with_the_released_defaults(variant):
     if variant.startswith(("cifar", "fake_cifar")):
         assert config.student.name == "resnet_wide" and d.protocol == "redraw"
         assert config.train.num_steps == 10 * 250 * 15  # 10 outer loops x 250 iterations
+
+
+def test_teacher_reads_the_meta_dev_split_not_the_selection_dev():
+    method = _method()
+    splits = _splits()
+    meta = data.ArraySplit(splits.dev.x[:10] + 100.0, splits.dev.y[:10], splits.dev.y[:10])
+    parted = data.Splits("toy", C, (3,), splits.train, splits.dev, splits.test, meta)
+    val = method.batches(parted, seed=0, start_step=0)["val"]
+    assert (val["x"] > 50).all()  # every validation example is a meta-dev one

@@ -11,12 +11,13 @@ from launch import results
 @pytest.mark.parametrize("method", list(results.METHODS))
 @pytest.mark.parametrize("dataset", ["digits", "mnist_5k", "mnist1d"])
 def test_every_method_row_is_a_valid_config(method, dataset):
-    module, options, config_method, overrides = results.METHODS[method]
-    config = module.get_config(dataset + options)
-    config.method = config_method
-    if overrides:
-        config.dln.update(overrides)
+    config = results.method_config(dataset, method, noise=0.4)
     train.validate_config(config)
+    assert config.data.noise_rate == 0.4
+    if method == "l2t-dlf-pop4":
+        assert config.teacher.population_size == 4
+    if method == "l2t-dln-warm":
+        assert config.dln.preserve_scale and config.dln.init == "warm"
 
 
 def test_table_has_a_column_per_method_and_a_row_per_setting(tmp_path):

@@ -21,6 +21,11 @@ Data config fields (`config` is the `data` sub-config):
   `~/tensorflow_datasets` (TFDS's default). Each dataset is prepared there once.
 * `dev_size`: number of train examples carved out as the dev split, stratified by
   class, chosen by `split_seed` (default 0).
+* `meta_dev_size` (default 0): how many of the `dev_size` dev examples (stratified,
+  `split_seed`) go to a separate `meta_dev` split that teachers train on, leaving the
+  rest as the dev split used for model selection. 0: teachers read the dev split
+  itself (`Splits.meta_dev` is `Splits.dev`), so a teacher and the selection see the
+  same examples.
 * `noise_type` ("none", "symmetric", "pair"; default "none"), `noise_rate` (default
   0.0), `noise_seed` (default 0): label noise on the train split only (see
   `noise.corrupt_labels`); dev and test keep clean labels.
@@ -54,6 +59,7 @@ _CONFIG_FIELDS = (
     "name",
     "data_dir",
     "dev_size",
+    "meta_dev_size",
     "split_seed",
     "noise_type",
     "noise_rate",
@@ -79,7 +85,12 @@ class ArraySplit:
 
 @dataclasses.dataclass(frozen=True)
 class Splits:
-    """A dataset's train (after the dev carve-out), dev and test splits."""
+    """A dataset's train (after the dev carve-out), dev, test and teacher-dev splits.
+
+    `meta_dev` is what teachers train on (their dev objective, features, validation
+    batches); `dev` is what model selection reads. They are the same split unless the
+    data config's `meta_dev_size` carves a separate one out of the dev examples.
+    """
 
     name: str
     num_classes: int
@@ -87,6 +98,11 @@ class Splits:
     train: ArraySplit
     dev: ArraySplit
     test: ArraySplit
+    meta_dev: ArraySplit | None = None
+
+    def __post_init__(self):
+        if self.meta_dev is None:
+            object.__setattr__(self, "meta_dev", self.dev)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +151,12 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
             f"config.data.dev_size must be an integer in [1, {spec.num_train}) for {name} "
             f"(train examples carved out as dev), got {dev_size!r}"
         )
+    meta_dev_size = config.get("meta_dev_size", 0)
+    if not (isinstance(meta_dev_size, int) and 0 <= meta_dev_size < dev_size):
+        raise ConfigError(
+            f"config.data.meta_dev_size must be an integer in [0, dev_size = {dev_size}) "
+            f"(dev examples set aside for teachers), got {meta_dev_size!r}"
+        )
     for field in ("split_seed", "noise_seed"):
         seed = config.get(field, 0)
         if not (isinstance(seed, int) and seed >= 0):
@@ -174,6 +196,12 @@ def load_splits(config: ml_collections.ConfigDict) -> Splits:
     fit, dev = builders.stratified_split(train_y, config.dev_size, config.get("split_seed", 0))
     x_fit, x_dev, x_test = _standardise(train_x[fit], train_x[dev], test_x)
     y_fit, y_dev, y_test = (y.astype(np.int32) for y in (train_y[fit], train_y[dev], test_y))
+    meta_dev = None
+    if config.get("meta_dev_size", 0):
+        select, meta = builders.stratified_split(y_dev, config.meta_dev_size,
+                                                 config.get("split_seed", 0) + 1)
+        meta_dev = ArraySplit(x_dev[meta], y_dev[meta], y_dev[meta])
+        x_dev, y_dev = x_dev[select], y_dev[select]
     y_noisy = noise.corrupt_labels(
         y_fit,
         num_classes=spec.num_classes,
@@ -188,6 +216,7 @@ def load_splits(config: ml_collections.ConfigDict) -> Splits:
         train=ArraySplit(x_fit, y_noisy, y_fit),
         dev=ArraySplit(x_dev, y_dev, y_dev),
         test=ArraySplit(x_test, y_test, y_test),
+        meta_dev=meta_dev,
     )
 
 

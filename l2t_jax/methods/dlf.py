@@ -134,7 +134,7 @@ class EpisodicTeacherTraining:
         """
         batches = self._teaching(None, self.steps_per_call).batches(
             splits, seed, start_step, population=self.population)
-        batches["dev"] = {"x": splits.dev.x, "y": splits.dev.y}
+        batches["dev"] = {"x": splits.meta_dev.x, "y": splits.meta_dev.y}
         batches["sample_x"] = splits.train.x[:1]
         return batches
 

@@ -20,8 +20,9 @@ evaluated student is the one that was trained. (The released code copies back on
 parameters, leaving the evaluated statistics at their initial values.)
 
 Data: the fixed protocol (default) draws training batches from the train split and
-validation batches from the dev split; the redraw protocol splits the train split into
-two random halves (student-train, meta-validation), re-drawn every `redraw_every`
+validation batches from the teachers' dev split (`data.Splits.meta_dev`: the dev split
+itself unless `config.data.meta_dev_size` sets part of it aside); the redraw protocol
+splits the train split into two random halves (student-train, meta-validation), re-drawn every `redraw_every`
 iterations, as the authors do on CIFAR (25k / 25k).
 
 Population (``config.dln.population_size`` = P > 1, not in the released code): P
@@ -158,7 +159,7 @@ class DLNTeaching:
 
     def _train_and_val_splits(self, splits: data.Splits, seed: int, iteration: int):
         if self.protocol == "fixed":
-            return splits.train, splits.dev
+            return splits.train, splits.meta_dev
         draw = iteration // self.redraw_every
         order = np.random.default_rng([seed, 1, draw]).permutation(len(splits.train.y))
         half = len(order) // 2

@@ -142,10 +142,10 @@ class Teaching:
             splits.train, seed, start_step=start_step, num_steps=self.steps_per_call,
             batch_size=self.batch_size)}
         if self.stats_builder is not None:
-            batches["feature_dev"] = {"x": splits.dev.x[: self.feature_dev_size],
-                                      "y": splits.dev.y[: self.feature_dev_size]}
+            batches["feature_dev"] = {"x": splits.meta_dev.x[: self.feature_dev_size],
+                                      "y": splits.meta_dev.y[: self.feature_dev_size]}
         if self.teacher_update is not None:
-            batches["dev"] = {"x": splits.dev.x, "y": splits.dev.y}
+            batches["dev"] = {"x": splits.meta_dev.x, "y": splits.meta_dev.y}
         return batches
 
     def step_fn(self, batches: dict) -> engine.StepFn:
