@@ -18,6 +18,9 @@ student, optimizer, step budget and dev selection:
   warm-started on a soft margin, and taught with its scale preserved).
 * Populations: ``l2t-dlf-pop4`` is ``l2t-dlf`` with the teacher's meta-gradient averaged
   over 4 students per episode (``teacher.population_size=4``).
+* Separate teacher data: ``ce-md``, ``l2t-dlf-fixed-md``, ``l2t-dlf-md`` are the L2T-DLF
+  group with 150 of the 300 dev examples set aside for the teacher
+  (``data.meta_dev_size=150``); every method of the group selects on the other 150.
 
 Writes docs/results/<dataset>_noise<rate>.json (test error in percent, dev-selected, per
 seed; records of other methods already in the file are kept) and the table
@@ -45,6 +48,9 @@ METHODS = {
     "l2t-dln-warm-fixed": (l2t_dln, ",warm", "l2t-dln-fixed", {}),
     "l2t-dln-warm": (l2t_dln, ",warm", "l2t-dln", {"dln.preserve_scale": True}),
     "l2t-dlf-pop4": (l2t_dlf, "", "l2t-dlf", {"teacher.population_size": 4}),
+    "ce-md": (l2t_dlf, "", "ce", {"data.meta_dev_size": 150}),
+    "l2t-dlf-fixed-md": (l2t_dlf, "", "l2t-dlf-fixed", {"data.meta_dev_size": 150}),
+    "l2t-dlf-md": (l2t_dlf, "", "l2t-dlf", {"data.meta_dev_size": 150}),
 }
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the individual runs live.")
