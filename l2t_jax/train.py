@@ -118,7 +118,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                               checkpoint_every=t.checkpoint_every * t.episode_steps),
             nonfinite_raises=t.on_nonfinite == "raise",
         )
-        teacher_params = state["teacher"]
+        # To the host: the teaching phase trains one student on one device, whatever
+        # mesh the episodes used (mixed placements would not restore into one jit).
+        teacher_params = jax.device_get(state["teacher"])
     elif config.method != "ce":  # untaught, taught online, or a DLN to start from
         teacher_params = methods.initial_loss_params(config, splits.num_classes, teacher_rng)
 

@@ -232,6 +232,11 @@ def test_smoke_config_with_a_population_of_two_on_the_mesh_runs_end_to_end(tmp_p
         str(tmp_path / train.TEACHER_DIR) if module is l2t_dlf else str(tmp_path))
     assert records[-1]["step"] == (20 if module is l2t_dlf else 10)
     assert all(r["meta/nonfinite"] == 0 and r["meta/grad_norm"] > 0 for r in records)
+    # Resuming from the checkpoints written on the mesh continues the run (the L2T-DLF
+    # teaching phase once failed here: mesh-placed teacher, single-device student).
+    config.train.num_steps = 20
+    resumed = train.train_and_evaluate(config, str(tmp_path))
+    assert resumed["steps"] == 20 and metrics.read_metrics(str(tmp_path))[-1]["step"] == 20
 
 
 @pytest.mark.parametrize("module, section, values, message", [
