@@ -126,25 +126,47 @@ def main(argv):
     print(table)
 
 
+# Methods compared in one table share students, optimizers, step budgets and dev selection.
+GROUPS = {
+    "L2T-DLF group (configs/l2t_dlf.py)": ("ce", "l2t-dlf-fixed", "l2t-dlf", "l2t-dlf-pop4"),
+    "L2T-DLF group, teacher on a separate meta-dev split (150 of the 300 dev examples; "
+    "selection on the other 150)": ("ce-md", "l2t-dlf-fixed-md", "l2t-dlf-md"),
+    "L2T-DLN group (configs/l2t_dln.py: SGD 0.1, batch 25, 400 iterations of K = 15)": (
+        "ce-long", "l2t-dln-fixed", "l2t-dln", "l2t-dln-warm-fixed", "l2t-dln-warm"),
+}
+
+
 def write_table(rows: list[dict], path: str) -> str:
-    """Writes (and returns) a markdown table: a line per (dataset, noise), a column per method."""
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    settings = list(dict.fromkeys((r["dataset"], r["noise"], r["student"]) for r in rows))
-    lines = ["| dataset | noise | student | " + " | ".join(methods) + " |",
-             "|---" * (3 + len(methods)) + "|"]
-    for dataset, noise, student in settings:
-        cells = []
-        for method in methods:
-            match = [r for r in rows if (r["dataset"], r["noise"], r["method"]) ==
-                     (dataset, noise, method)]
-            cells.append(f"{match[0]['mean']:.2f} +- {match[0]['std']:.2f}" if match else "")
-        lines.append(f"| {dataset} | {noise} | {student} | " + " | ".join(cells) + " |")
+    """Writes (and returns) markdown tables, one per `GROUPS` entry with results: a line
+    per (dataset, noise), a column per method."""
+    sections = []
+    for title, group in GROUPS.items():
+        methods = [m for m in group if any(r["method"] == m for r in rows)]
+        if not methods:
+            continue
+        group_rows = [r for r in rows if r["method"] in methods]
+        settings = list(dict.fromkeys((r["dataset"], r["noise"], r["student"])
+                                      for r in group_rows))
+        lines = [f"### {title}", "",
+                 "| dataset | noise | student | " + " | ".join(methods) + " |",
+                 "|---" * (3 + len(methods)) + "|"]
+        for dataset, noise, student in settings:
+            cells = []
+            for method in methods:
+                match = [r for r in group_rows if (r["dataset"], r["noise"], r["method"]) ==
+                         (dataset, noise, method)]
+                cells.append(f"{match[0]['mean']:.2f} +- {match[0]['std']:.2f}" if match
+                             else "")
+            lines.append(f"| {dataset} | {noise} | {student} | " + " | ".join(cells) + " |")
+        sections.append("\n".join(lines))
     seeds = sorted({len(r["seeds"]) for r in rows})
     header = (f"Test error (%), mean +- std (sample std) over {'/'.join(map(str, seeds))} "
               "seeds, each at the step with the lowest dev error (never selected on test). "
-              "Methods are defined in `launch/results.py` (`METHODS`). Regenerate with "
-              "`python -m launch.results --workdir=DIR`.\n\n")
-    text = header + "\n".join(lines) + "\n"
+              "Methods are defined in `launch/results.py` (`METHODS`); what the numbers "
+              "mean: [l2t_dlf.md](l2t_dlf.md), [l2t_dln.md](l2t_dln.md) (with the cost of "
+              "an L2T-DLN iteration), populations: [population.md](population.md). "
+              "Regenerate with `python -m launch.results --workdir=DIR`.\n\n")
+    text = header + "\n\n".join(sections) + "\n"
     with open(path, "w") as f:
         f.write(text)
     return text
