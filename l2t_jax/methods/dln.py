@@ -22,8 +22,8 @@ parameters, leaving the evaluated statistics at their initial values.)
 Data: the fixed protocol (default) draws training batches from the train split and
 validation batches from the teachers' dev split (`data.Splits.meta_dev`: the dev split
 itself unless `config.data.meta_dev_size` sets part of it aside); the redraw protocol
-splits the train split into two random halves (student-train, meta-validation), re-drawn every `redraw_every`
-iterations, as the authors do on CIFAR (25k / 25k).
+splits the train split into two random halves (student-train, meta-validation),
+re-drawn every `redraw_every` iterations, as the authors do on CIFAR (25k / 25k).
 
 Population (``config.dln.population_size`` = P > 1, not in the released code): P
 students, each with its own weights, initialisation and training batches, share one
