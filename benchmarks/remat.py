@@ -56,7 +56,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from benchmarks._records import write_records
+from benchmarks._records import timing_record, write_records
 from l2t_jax import engine
 from l2t_jax.optimizers import make_inner_optimizer
 from l2t_jax.students import build_student
@@ -238,23 +238,12 @@ def bench_case(
         forward_exe, _ = compile_timed(make_forward(step_fn, objective, policy), args)
         jax.block_until_ready(forward_exe(*args))
         forward_s = float(np.median(wall_times(forward_exe, args, repeats)))
-        records.append(
-            {
-                "benchmark": f"meta_grad_remat_{policy}",
-                "framework": "jax",
-                "student": student_name,
-                "T": num_steps,
-                "threads": threads,
-                "median_s": float(np.median(times)),
-                "min_s": float(np.min(times)),
-                "max_s": float(np.max(times)),
-                "peak_mb": memory.temp_size_in_bytes / MB,
-                "compile_s": compile_s,
-                "forward_s": forward_s,
-                "argument_mb": memory.argument_size_in_bytes / MB,
-                "output_mb": memory.output_size_in_bytes / MB,
-            }
-        )
+        records.append(timing_record(
+            f"meta_grad_remat_{policy}", "jax", student_name, num_steps, threads, times,
+            memory.temp_size_in_bytes / MB, compile_s=compile_s, forward_s=forward_s,
+            argument_mb=memory.argument_size_in_bytes / MB,
+            output_mb=memory.output_size_in_bytes / MB,
+        ))
     host_end, own_end = host_cpu_seconds()
     other_load = (host_end - host_start) - (own_end - own_start)
     other_load /= time.perf_counter() - wall_start
