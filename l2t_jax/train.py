@@ -239,8 +239,7 @@ def run_phase(method, state, splits: data.Splits, workdir: str, *, seed: int,
 
 def _nonfinite_raises(config) -> bool:
     """Whether the config asks to stop on a non-finite meta-gradient."""
-    section = {"l2t-dlf": "teacher", "l2t-dlf-fixed": "teacher", "l2t-dln": "dln",
-               "l2t-dln-fixed": "dln"}.get(config.method)
+    section = methods.teacher_section(config)
     return section is not None and config[section].on_nonfinite == "raise"
 
 

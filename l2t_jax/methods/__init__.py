@@ -158,24 +158,33 @@ def build_population(config, section: str, batch_size: int) -> parallel.Populati
     return parallel.Population(size, mesh)
 
 
+def teacher_section(config) -> str | None:
+    """The config section of the method's teacher: ``"teacher"`` (L2T-DLF), ``"dln"``
+    (L2T-DLN), or None (CE has no teacher)."""
+    if config.method in DLF_METHODS:
+        return "teacher"
+    if config.method in DLN_METHODS:
+        return "dln"
+    return None
+
+
 def validate_method_config(config) -> None:
     """Checks ``config.method`` and its section (``teacher`` for DLF, ``dln`` for DLN)."""
     if config.method not in METHOD_NAMES:
         raise ConfigError(
             f"unknown config.method {config.method!r}; choose one of {METHOD_NAMES}"
         )
-    for names, section, validate, example in (
-        (DLF_METHODS, "teacher", validate_teacher_config, "configs/l2t_dlf.py"),
-        (DLN_METHODS, "dln", validate_dln_config, "configs/l2t_dln.py"),
-    ):
-        if config.method in names:
-            if section not in config:
-                raise ConfigError(
-                    f"method {config.method!r} needs a config.{section} section "
-                    f"(see {example})"
-                )
-            validate(config)
-            build_population(config, section, config.train.batch_size)  # the mesh fits
+    section = teacher_section(config)
+    if section is None:
+        return
+    validate, example = {"teacher": (validate_teacher_config, "configs/l2t_dlf.py"),
+                         "dln": (validate_dln_config, "configs/l2t_dln.py")}[section]
+    if section not in config:
+        raise ConfigError(
+            f"method {config.method!r} needs a config.{section} section (see {example})"
+        )
+    validate(config)
+    build_population(config, section, config.train.batch_size)  # the mesh fits
 
 
 def build_teacher(config, num_classes: int) -> teachers.DLFTeacher:
@@ -191,7 +200,7 @@ def build_teacher_update(config) -> TeacherUpdate:
     Read from ``config.teacher`` for L2T-DLF and ``config.dln`` for L2T-DLN (whose
     teacher is always trained by Adam, as released).
     """
-    t = config.dln if config.method in DLN_METHODS else config.teacher
+    t = config[teacher_section(config)]
     optimizer = t.get("optimizer", "adam")
     if optimizer == "adam":
         tx = optax.adam(t.learning_rate)
