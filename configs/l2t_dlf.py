@@ -11,7 +11,10 @@ The argument after ':' is a comma-separated list: one dataset variant and option
             batch 20, 100 episodes), mnist1d (MLP), mnist1d_cnn (1-D CNN),
             cifar10 / cifar100 (He ResNet-20; needs a GPU and a prepared dataset),
             fake_cifar10 (random CIFAR-shaped data: checks the paper set-up runs)
-  options:  noisy (40% symmetric training-label noise), smoke (seconds; for tests)
+  options:  noisy (40% symmetric training-label noise), smoke (seconds; for tests),
+            online (no episodes: one training of 10 episode lengths, e.g. 3,000 steps on
+            mnist1d, with the teacher updated every 50 steps by truncated backprop;
+            --config.method=ce / l2t-dlf-fixed give the same budget untaught)
 
 Defaults follow `../shared/specs/l2t_dlf.md`: the demo's dynamic gate
 W_t = W + h_t W2 with the CE mix a_t learned (the demo's --combine_loss idea), Adam with
@@ -35,11 +38,16 @@ import ml_collections
 from configs import ce_baseline
 
 
+OPTIONS = ce_baseline.OPTIONS + ("online",)
+# A full-length training for the online option: this many episode lengths.
+ONLINE_LENGTH = 10
+
+
 def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
     """The L2T-DLF config; `arg` as in the module docstring."""
-    config = ce_baseline.get_config(arg)
     tokens = [t for t in arg.split(",") if t]
-    variant = next((t for t in tokens if t not in ce_baseline.OPTIONS), "digits")
+    config = ce_baseline.get_config(",".join(t for t in tokens if t != "online"))
+    variant = next((t for t in tokens if t not in OPTIONS), "digits")
     config.method = "l2t-dlf"
 
     config.teacher = ml_collections.ConfigDict(dict(
@@ -85,14 +93,21 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
         config.teacher.update(num_episodes=0, teach_online=True, online_window=50)
         config.engine.update(estimator="truncated", window=50, remat="sqrt")
     config.train.update(log_every=10, eval_every=10, checkpoint_every=50)
+    if "online" in tokens:
+        t = config.teacher
+        config.train.update(num_steps=ONLINE_LENGTH * t.episode_steps, log_every=50,
+                            eval_every=100, checkpoint_every=500)
+        t.update(num_episodes=0, teach_online=True, online_window=50)
+        config.engine.update(estimator="truncated", window=t.online_window)
     if variant in ("cifar10", "cifar100", "fake_cifar10"):
         config.train.update(log_every=50, eval_every=1000, checkpoint_every=1000)
 
     if "smoke" in tokens:
-        config.teacher.update(num_episodes=3, episode_steps=10, checkpoint_every=1,
+        config.teacher.update(num_episodes=0 if "online" in tokens else 3, episode_steps=10,
+                              checkpoint_every=1,
                               pretrain_steps=min(config.teacher.pretrain_steps, 10),
                               online_window=10)
         config.train.update(num_steps=20, log_every=10, eval_every=10, checkpoint_every=10)
-        if variant == "fake_cifar10":
-            config.engine.window = 10
+        if config.engine.estimator == "truncated":
+            config.engine.window = config.teacher.online_window
     return config

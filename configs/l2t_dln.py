@@ -68,7 +68,10 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
         protocol="fixed",           # fixed (dev split) | redraw (train halves)
         redraw_every=250,           # iterations per re-drawn split
         num_snapshots=6,            # DLNs kept for the plot
-        preserve_scale=False,        # keep the DLN's spread (not in the released code)
+        preserve_scale=False,       # keep the DLN's spread (not in the released code)
+        accept="always",            # always (released) | proper (keep phi' only while
+                                    # (1, 0) is the loss's minimum; not released)
+        proper_tolerance=0.05,      # largest accepted corner gap (units of the spread)
         population_size=1,          # students sharing the DLN (gradients averaged)
     ))
     # Devices: sizes of the (population, data) mesh, -1 = the rest; all 1: one device.

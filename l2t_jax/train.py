@@ -108,11 +108,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     teacher_rng, student_rng = jax.random.split(rng)
 
     teacher_params = None  # CE: the loss has nothing for a teacher to set
+    # The demo's set-up (teacher.pretrain_steps > 0): the teacher's episodes and, for every
+    # method alike, the reported student start from one CE-pretrained student.
+    episodic = methods.build_episodic(config, splits) if config.get("teacher") else None
+    start = taught_start = None
+    if episodic is not None and episodic.pretrain_steps:
+        start = episodic.pretrained_start(student_rng, splits, config.seed)
+        # The taught student is one, on one device; copied before the episodes donate
+        # (and so delete) the start's buffers.
+        taught_start = jax.device_get(episodic.population.first(start))
     if config.method == "l2t-dlf" and config.teacher.num_episodes:
-        episodic = methods.build_episodic(config, splits)
         t = config.teacher
         state, _ = run_phase(
-            episodic, episodic.init(teacher_rng, splits), splits,
+            episodic, episodic.init(teacher_rng, splits, start), splits,
             os.path.join(workdir, TEACHER_DIR), seed=config.seed,
             schedule=Schedule(t.num_episodes * t.episode_steps, eval_every=0,
                               checkpoint_every=t.checkpoint_every * t.episode_steps),
@@ -125,9 +133,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         teacher_params = methods.initial_loss_params(config, splits.num_classes, teacher_rng)
 
     teaching = methods.build_teaching(config, splits)
+    if taught_start is None:
+        initial = teaching.init(student_rng, splits, teacher_params)
+    else:  # only L2T-DLF configs pre-train
+        initial = teaching.init(student_rng, splits, teacher_params, start=taught_start)
     train_cfg = config.train
     state, summary = run_phase(
-        teaching, teaching.init(student_rng, splits, teacher_params), splits, workdir,
+        teaching, initial, splits, workdir,
         seed=config.seed,
         schedule=Schedule(train_cfg.num_steps, train_cfg.eval_every,
                           train_cfg.checkpoint_every, train_cfg.eval_batch_size),
@@ -265,7 +277,9 @@ def _save_dln(method: methods.DLNTeaching, state: dict, workdir: str,
     """Writes the final DLN and its snapshots; returns the DLN's health and collapse flags.
 
     Flags (also logged as warnings): ``dln_inverted`` (the final DLN rates a confident
-    wrong answer no worse than a confident right one), ``dln_scale_growth`` (the final
+    wrong answer no worse than a confident right one), ``dln_improper`` (the right answer
+    is not the final DLN's minimum: corner gap above the method's ``proper_tolerance``,
+    so the student can lower its loss by answering wrong), ``dln_scale_growth`` (the final
     DLN's spread over its initial one: a large value means the teacher inflated the loss,
     i.e. the student's step size), ``collapsed`` (final dev error more than
     `COLLAPSE_POINTS` above the best).
@@ -278,12 +292,16 @@ def _save_dln(method: methods.DLNTeaching, state: dict, workdir: str,
     initial = float(dln_lib.probe_dln(unravel(state["snapshots"][0]))["spread"])
     flags = {
         "dln_inverted": probe["margin"] <= 0,
+        "dln_improper": probe["corner_gap"] > method.proper_tolerance,
         "dln_scale_growth": probe["spread"] / initial,
         "collapsed": summary["final_dev_error"] - summary["best_dev_error"] > COLLAPSE_POINTS,
     }
     if flags["dln_inverted"]:
         logging.warning("the learned DLN is inverted (margin %.3g): it rates a confident "
                         "wrong answer no worse than a confident right one", probe["margin"])
+    if flags["dln_improper"]:
+        logging.warning("the learned DLN is improper (corner gap %.3g): its minimum is not "
+                        "at the right answer", probe["corner_gap"])
     if flags["collapsed"]:
         logging.warning(
             "the student collapsed: final dev error %.2f%% vs best %.2f%% (DLN scale x%.3g); "

@@ -15,9 +15,14 @@ student, optimizer, step budget and dev selection:
 * L2T-DLN group (configs/l2t_dln.py: plain SGD 0.1, batch 25, K = 15, 400 iterations on
   the small datasets): ``ce-long`` (cross-entropy on that schedule), ``l2t-dln-fixed`` and
   ``l2t-dln`` (the released set-up), ``l2t-dln-warm-fixed`` and ``l2t-dln-warm`` (the DLN
-  warm-started on a soft margin, and taught with its scale preserved).
+  warm-started on a soft margin, and taught with its scale preserved),
+  ``l2t-dln-warm-proper`` (the same, keeping only DLN updates under which the right
+  answer stays the loss's minimum: ``dln.accept="proper"``).
 * Populations: ``l2t-dlf-pop4`` is ``l2t-dlf`` with the teacher's meta-gradient averaged
   over 4 students per episode (``teacher.population_size=4``).
+* Online teaching over a full-length training (option ``online``: 10 episode lengths,
+  teacher updated every 50 steps by truncated backprop, no episodes): ``ce-ol``,
+  ``l2t-dlf-fixed-ol``, ``l2t-dlf-ol``.
 * Separate teacher data: ``ce-md``, ``l2t-dlf-fixed-md``, ``l2t-dlf-md`` are the L2T-DLF
   group with 150 of the 300 dev examples set aside for the teacher
   (``data.meta_dev_size=150``); every method of the group selects on the other 150.
@@ -47,10 +52,15 @@ METHODS = {
     "l2t-dln": (l2t_dln, "", "l2t-dln", {}),
     "l2t-dln-warm-fixed": (l2t_dln, ",warm", "l2t-dln-fixed", {}),
     "l2t-dln-warm": (l2t_dln, ",warm", "l2t-dln", {"dln.preserve_scale": True}),
+    "l2t-dln-warm-proper": (l2t_dln, ",warm", "l2t-dln", {"dln.preserve_scale": True,
+                                                         "dln.accept": "proper"}),
     "l2t-dlf-pop4": (l2t_dlf, "", "l2t-dlf", {"teacher.population_size": 4}),
     "ce-md": (l2t_dlf, "", "ce", {"data.meta_dev_size": 150}),
     "l2t-dlf-fixed-md": (l2t_dlf, "", "l2t-dlf-fixed", {"data.meta_dev_size": 150}),
     "l2t-dlf-md": (l2t_dlf, "", "l2t-dlf", {"data.meta_dev_size": 150}),
+    "ce-ol": (l2t_dlf, ",online", "ce", {}),
+    "l2t-dlf-fixed-ol": (l2t_dlf, ",online", "l2t-dlf-fixed", {}),
+    "l2t-dlf-ol": (l2t_dlf, ",online", "l2t-dlf", {}),
 }
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the individual runs live.")
@@ -59,30 +69,62 @@ _NOISE = flags.DEFINE_list("noise", ["0.0", "0.4"], "Symmetric training-label no
 _METHODS = flags.DEFINE_list("methods", list(METHODS), "Methods (rows of METHODS).")
 _SEEDS = flags.DEFINE_integer("seeds", 8, "Seeds 0 .. n-1 (init, data order, teacher).")
 _OUT = flags.DEFINE_string("out", "docs", "Where results.md and results/ are written.")
+_SET = flags.DEFINE_list(
+    "set", [], "Config overrides for every run of this call, as section.field=value (e.g. "
+    "teacher.num_episodes=25 to shorten the teacher's phase); recorded in the JSON and "
+    "flagged in the table. Use a separate --workdir: finished runs are reused by name.")
 flags.mark_flag_as_required("workdir")
 
 
-def method_config(dataset: str, method: str, noise: float = 0.0):
-    """The config of one `METHODS` row on one dataset variant and training-label noise."""
+def parse_overrides(items: list[str]) -> dict:
+    """``["a.b=v", ...]`` -> ``{"a.b": "v"}`` (values converted by `method_config`)."""
+    overrides = {}
+    for item in items:
+        dotted, sep, value = item.partition("=")
+        if not sep or dotted.count(".") != 1:
+            raise app.UsageError(f"--set expects section.field=value, got {item!r}")
+        overrides[dotted] = value
+    return overrides
+
+
+def applicable_overrides(config, extra: dict) -> dict:
+    """The entries of ``{"section.field": value}`` whose field `config` has."""
+    def has(dotted):
+        section, field = dotted.split(".")
+        return section in config and field in config[section]
+    return {k: v for k, v in extra.items() if has(k)}
+
+
+def method_config(dataset: str, method: str, noise: float = 0.0, extra: dict | None = None):
+    """The config of one `METHODS` row on one dataset variant and training-label noise.
+
+    `extra` (``{"section.field": value}``, string values converted to the field's type)
+    is applied last; a field the method's config does not have is skipped (so that,
+    e.g., teacher settings leave the CE rows alone).
+    """
     module, options, config_method, overrides = METHODS[method]
     config = module.get_config(dataset + options)
     config.method = config_method
-    for dotted, value in overrides.items():
+    extra = applicable_overrides(config, extra or {})
+    for dotted, value in {**overrides, **extra}.items():
         section, field = dotted.split(".")
+        old = config[section][field]
+        if isinstance(value, str) and not isinstance(old, str):
+            value = (value.lower() in ("1", "true")) if isinstance(old, bool) else type(old)(value)
         config[section][field] = value
     if noise:
         config.data.update(noise_type="symmetric", noise_rate=noise)
     return config
 
 
-def run_one(dataset: str, noise: float, method: str, seed: int) -> dict:
+def run_one(dataset: str, noise: float, method: str, seed: int, extra: dict) -> dict:
     """Runs (or reuses) one seed of one method; returns its summary."""
     workdir = os.path.join(_WORKDIR.value, f"{dataset}_noise{noise}", method, f"s{seed}")
     path = os.path.join(workdir, train.SUMMARY_FILE)
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
-    config = method_config(dataset, method, noise)
+    config = method_config(dataset, method, noise, extra)
     config.seed = seed
     logging.info("running %s noise %s %s seed %d", dataset, noise, method, seed)
     return train.train_and_evaluate(config, workdir)
@@ -95,20 +137,26 @@ def main(argv):
     unknown = [m for m in _METHODS.value if m not in METHODS]
     if unknown:
         raise app.UsageError(f"unknown --methods {unknown}; choose from {list(METHODS)}")
+    extra = parse_overrides(_SET.value)
     results_dir = os.path.join(_OUT.value, "results")
     os.makedirs(results_dir, exist_ok=True)
     for dataset in _DATASETS.value:
         for noise in (float(n) for n in _NOISE.value):
             records = []
             for method in _METHODS.value:
-                summaries = [run_one(dataset, noise, method, s) for s in range(_SEEDS.value)]
+                summaries = [run_one(dataset, noise, method, s, extra)
+                             for s in range(_SEEDS.value)]
                 errors = [s["test_error"] for s in summaries]
-                records.append({
+                record = {
                     "dataset": dataset, "noise": noise, "student": summaries[0]["student"],
                     "method": method, "seeds": list(range(_SEEDS.value)),
                     "test_error": errors, "mean": float(np.mean(errors)),
                     "std": float(np.std(errors, ddof=1)) if len(errors) > 1 else 0.0,
-                })
+                }
+                used = applicable_overrides(method_config(dataset, method, noise), extra)
+                if used:
+                    record["overrides"] = used
+                records.append(record)
             path = os.path.join(results_dir, f"{dataset}_noise{noise}.json")
             kept = []
             if os.path.exists(path):
@@ -131,8 +179,11 @@ GROUPS = {
     "L2T-DLF group (configs/l2t_dlf.py)": ("ce", "l2t-dlf-fixed", "l2t-dlf", "l2t-dlf-pop4"),
     "L2T-DLF group, teacher on a separate meta-dev split (150 of the 300 dev examples; "
     "selection on the other 150)": ("ce-md", "l2t-dlf-fixed-md", "l2t-dlf-md"),
+    "L2T-DLF group, online teacher over a training 10 episode lengths long "
+    "(configs/l2t_dlf.py:<dataset>,online)": ("ce-ol", "l2t-dlf-fixed-ol", "l2t-dlf-ol"),
     "L2T-DLN group (configs/l2t_dln.py: SGD 0.1, batch 25, 400 iterations of K = 15)": (
-        "ce-long", "l2t-dln-fixed", "l2t-dln", "l2t-dln-warm-fixed", "l2t-dln-warm"),
+        "ce-long", "l2t-dln-fixed", "l2t-dln", "l2t-dln-warm-fixed", "l2t-dln-warm",
+        "l2t-dln-warm-proper"),
 }
 
 
@@ -150,14 +201,24 @@ def write_table(rows: list[dict], path: str) -> str:
         lines = [f"### {title}", "",
                  "| dataset | noise | student | " + " | ".join(methods) + " |",
                  "|---" * (3 + len(methods)) + "|"]
+        notes = []
         for dataset, noise, student in settings:
             cells = []
             for method in methods:
                 match = [r for r in group_rows if (r["dataset"], r["noise"], r["method"]) ==
                          (dataset, noise, method)]
-                cells.append(f"{match[0]['mean']:.2f} +- {match[0]['std']:.2f}" if match
-                             else "")
+                cell = f"{match[0]['mean']:.2f} +- {match[0]['std']:.2f}" if match else ""
+                if match and match[0].get("overrides"):
+                    note = ", ".join(f"{k}={v}" for k, v in match[0]["overrides"].items())
+                    if note not in notes:
+                        notes.append(note)
+                    cell += f" ({notes.index(note) + 1})"
+                cells.append(cell)
             lines.append(f"| {dataset} | {noise} | {student} | " + " | ".join(cells) + " |")
+        if notes:
+            lines.append("")
+            lines.extend(f"({i}) run with `--set={note}`" for i, note in
+                         enumerate(notes, 1))
         sections.append("\n".join(lines))
     seeds = sorted({len(r["seeds"]) for r in rows})
     header = (f"Test error (%), mean +- std (sample std) over {'/'.join(map(str, seeds))} "

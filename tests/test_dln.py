@@ -253,6 +253,40 @@ def test_preserve_scale_keeps_the_surface_spread():
     assert not np.allclose(ravel_pytree(new["dln"])[0], ravel_pytree(state["dln"])[0])
 
 
+def test_corner_gap_is_zero_when_the_right_answer_is_the_minimum():
+    warm = jax.jit(dln_lib.warm_start_dln)(dln_lib.init_dln(jax.random.PRNGKey(0)),
+                                           jax.random.PRNGKey(1))
+    assert float(dln_lib.probe_dln(warm)["corner_gap"]) < 0.05
+    # The negated soft margin rewards s_true = 0, s_other = 1: its minimum is the
+    # opposite corner, a spread-normalised gap of about 4 / std.
+    flipped = {**warm, "layer_4": -warm["layer_4"]}
+    assert float(dln_lib.probe_dln(flipped)["corner_gap"]) > 2
+
+
+@pytest.mark.parametrize("accept", ["always", "proper"])
+def test_proper_rule_rejects_a_dln_that_rewards_wrong_answers(accept):
+    method, _, state, batches = _problem(accept=accept)
+    # Start from an improper DLN (its minimum away from (1, 0)); a 1e-3 step cannot make
+    # it proper, so "proper" must keep it and the student of unroll A.
+    state["dln"] = {**state["dln"], "layer_2": -state["dln"]["layer_2"]}
+    assert float(dln_lib.probe_dln(state["dln"])["corner_gap"]) > method.proper_tolerance
+    m = jax.jit(method.meta_gradients)(state, batches)
+    new, step_metrics = jax.jit(method.outer_step)(state, batches)
+    if accept == "always":
+        assert float(step_metrics["dln/accepted"]) == 1.0
+        chex.assert_trees_all_close(new["dln"], m.new_dln, rtol=1e-6)
+        chex.assert_trees_all_close(new["student"].params, m.result_b.state.params, rtol=1e-5)
+    else:
+        assert float(step_metrics["dln/accepted"]) == 0.0
+        chex.assert_trees_all_equal(new["dln"], state["dln"])
+        chex.assert_trees_all_close(new["student"].params, m.student_a.params, rtol=1e-5)
+        assert not np.allclose(ravel_pytree(new["student"].params)[0],
+                               ravel_pytree(m.result_b.state.params)[0])
+    # The teacher learns and its memory advances either way.
+    assert not np.allclose(ravel_pytree(new["teacher"])[0], ravel_pytree(state["teacher"])[0])
+    chex.assert_trees_all_close(new["memory"], m.memory, rtol=1e-5, atol=1e-7)
+
+
 def test_redraw_protocol_splits_train_into_disjoint_halves_per_draw():
     method = _method(protocol="redraw", redraw_every=2)
     splits = _splits()
@@ -329,6 +363,8 @@ def test_dln_run_writes_its_records_and_resumes_exactly(tmp_path, monkeypatch):
     ("dln.init", "zeros", "config.dln.init"),
     ("dln.unroll_steps", 0, "config.dln.unroll_steps"),
     ("dln.step_size", -1.0, "config.dln.step_size"),
+    ("dln.accept", "improved", "config.dln.accept"),
+    ("dln.proper_tolerance", -0.1, "config.dln.proper_tolerance"),
     ("train.eval_every", 12, "multiple of config.dln.unroll_steps"),
 ])
 def test_bad_dln_config_is_rejected(field, value, message):
@@ -358,6 +394,8 @@ def test_collapse_inversion_and_scale_growth_are_flagged(tmp_path):
     assert flags["collapsed"]
     margin = float(dln_lib.probe_dln(phi)["margin"])
     assert flags["dln_inverted"] == (margin > 0)  # flipping the sign flips the margin
+    gap = float(dln_lib.probe_dln(grown)["corner_gap"])
+    assert flags["dln_improper"] == (gap > method.proper_tolerance)
     healthy = train._save_dln(method, {"dln": phi, "snapshots": state["snapshots"]},
                               str(tmp_path), {"final_dev_error": 13.0, "best_dev_error": 12.0})
     assert not healthy["collapsed"] and healthy["dln_scale_growth"] == pytest.approx(1.0)

@@ -36,3 +36,20 @@ def test_table_has_a_column_per_method_and_a_row_per_setting(tmp_path):
     assert "| ce |" in text and "| ce-long |" not in text  # one table per group present
     assert text.count("### ") == 2
     json.dumps(rows)  # the records are plain JSON
+
+
+def test_overrides_convert_types_skip_other_methods_and_are_flagged(tmp_path):
+    extra = results.parse_overrides(["teacher.num_episodes=25", "teacher.teach_online=true"])
+    config = results.method_config("digits", "l2t-dlf", 0.4, extra)
+    assert config.teacher.num_episodes == 25 and config.teacher.teach_online is True
+    # CE in the DLN group has no teacher section: nothing applies to it.
+    assert results.applicable_overrides(results.method_config("digits", "ce-long"), extra) == {}
+    with pytest.raises(Exception, match="section.field=value"):
+        results.parse_overrides(["episodes=3"])
+    rows = [{"dataset": "mnist_5k", "noise": 0.0, "student": "lenet5", "method": m,
+             "seeds": [0], "test_error": [1.0], "mean": 1.0, "std": 0.0,
+             **({"overrides": {"teacher.num_episodes": "25"}} if m == "l2t-dlf" else {})}
+            for m in ("ce", "l2t-dlf")]
+    text = results.write_table(rows, str(tmp_path / "results.md"))
+    assert "1.00 +- 0.00 (1) |" in text
+    assert "(1) run with `--set=teacher.num_episodes=25`" in text

@@ -159,16 +159,22 @@ def probe_dln(phi: dict, grid_size: int = 21) -> dict:
 
     Returns:
         ``{"margin": L(s_true=0, s_other=1) - L(s_true=1, s_other=0)`` (> 0 when the loss
-        still prefers right answers), ``"grid_min"``, ``"grid_max"``: the extremes of the
-        network over a ``grid_size`` x ``grid_size`` grid, ``"spread"``: its standard
-        deviation there (the loss's scale: the student's effective learning rate grows
-        with it).
+        still prefers right answers to the opposite corner), ``"grid_min"``,
+        ``"grid_max"``: the extremes of the network over a ``grid_size`` x ``grid_size``
+        grid, ``"spread"``: its standard deviation there (the loss's scale: the student's
+        effective learning rate grows with it), ``"corner_gap"``: (L(1, 0) - grid_min) /
+        spread, 0 when the right answer (s_true = 1, s_other = 0) is the loss's minimum;
+        when it is > 0 a student lowers its loss by moving elsewhere (e.g. every sigmoid
+        output to 1), which the margin alone does not show.
     """
     axis = jnp.linspace(0.0, 1.0, grid_size)
     surface = pair_surface(phi, axis[:, None], axis[None, :])
+    right = pair_surface(phi, 1.0, 0.0)
+    spread = surface.std()
     return {
-        "margin": pair_surface(phi, 0.0, 1.0) - pair_surface(phi, 1.0, 0.0),
+        "margin": pair_surface(phi, 0.0, 1.0) - right,
         "grid_min": surface.min(),
         "grid_max": surface.max(),
-        "spread": surface.std(),
+        "spread": spread,
+        "corner_gap": (right - surface.min()) / spread,
     }

@@ -25,7 +25,7 @@ from l2t_jax.errors import ConfigError
 from l2t_jax.losses import cross_entropy_loss
 from l2t_jax.losses import dln as dln_lib
 from l2t_jax.methods.dlf import EpisodicTeacherTraining, make_dlf_loss_fn
-from l2t_jax.methods.dln import PROTOCOLS, STUDENT_FEATURE_NAMES, DLNTeaching
+from l2t_jax.methods.dln import ACCEPT_RULES, PROTOCOLS, STUDENT_FEATURE_NAMES, DLNTeaching
 from l2t_jax.methods.teaching import TeacherUpdate, Teaching
 from l2t_jax.objectives import DEV_OBJECTIVES
 from l2t_jax.teachers.lstm import CoordinateLSTM
@@ -76,6 +76,11 @@ def validate_teacher_config(config) -> None:
             "l2t-dlf needs config.teacher.num_episodes >= 1 or config.teacher.teach_online=True "
             "(otherwise nothing teaches: use method 'l2t-dlf-fixed')"
         )
+    if t.pretrain_steps and t.restart != "fixed":
+        raise ConfigError(
+            "config.teacher.pretrain_steps > 0 needs config.teacher.restart='fixed' (fresh "
+            "restarts never start from the pre-trained student); set one of them"
+        )
     if t.teach_online and config.train.log_every % t.online_window:
         raise ConfigError(
             f"config.train.log_every ({config.train.log_every}) must be a multiple of "
@@ -90,6 +95,8 @@ def validate_dln_config(config) -> None:
     checks = [
         (d.init in DLN_INITS, f"config.dln.init must be one of {DLN_INITS}"),
         (d.protocol in PROTOCOLS, f"config.dln.protocol must be one of {PROTOCOLS}"),
+        (d.accept in ACCEPT_RULES, f"config.dln.accept must be one of {ACCEPT_RULES}"),
+        (d.proper_tolerance >= 0, "config.dln.proper_tolerance must be >= 0"),
         (d.objective in DEV_OBJECTIVES, f"config.dln.objective must be one of {DEV_OBJECTIVES}"),
         (d.on_nonfinite in NONFINITE_POLICIES,
          f"config.dln.on_nonfinite must be one of {NONFINITE_POLICIES}"),
@@ -194,13 +201,14 @@ def build_teacher(config, num_classes: int) -> teachers.DLFTeacher:
                                t.combine, t.bilinear_scale)
 
 
-def build_teacher_update(config) -> TeacherUpdate:
+def build_teacher_update(config, section: str | None = None) -> TeacherUpdate:
     """Estimator, optimizer (with global-norm clipping), objective, non-finite policy.
 
-    Read from ``config.teacher`` for L2T-DLF and ``config.dln`` for L2T-DLN (whose
-    teacher is always trained by Adam, as released).
+    Read from ``config.<section>``, by default the method's (`teacher_section`):
+    ``config.teacher`` for L2T-DLF and ``config.dln`` for L2T-DLN (whose teacher is
+    always trained by Adam, as released).
     """
-    t = config[teacher_section(config)]
+    t = config[section or teacher_section(config)]
     optimizer = t.get("optimizer", "adam")
     if optimizer == "adam":
         tx = optax.adam(t.learning_rate)
@@ -256,6 +264,8 @@ def build_dln_teaching(config, splits: Splits) -> DLNTeaching:
         num_snapshots=d.num_snapshots,
         preserve_scale=d.preserve_scale,
         population=build_population(config, "dln", config.train.batch_size),
+        accept=d.accept,
+        proper_tolerance=d.proper_tolerance,
     )
 
 
@@ -273,7 +283,7 @@ def build_episodic(config, splits: Splits) -> EpisodicTeacherTraining:
         model=model,
         tx=optimizers.make_inner_optimizer(config.optimizer, t.episode_steps),
         teacher=build_teacher(config, splits.num_classes),
-        update=build_teacher_update(config),
+        update=build_teacher_update(config, "teacher"),
         steps_per_call=t.episode_steps,
         batch_size=config.train.batch_size,
         stats_builder=_stats_builder(config, model),

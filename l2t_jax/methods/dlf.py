@@ -71,7 +71,7 @@ class EpisodicTeacherTraining:
         stats_builder: builds the feature stats update from dev arrays.
         restart: ``"fixed"`` (every episode from the same start) or ``"fresh"`` (a new
             random init each episode).
-        pretrain_steps: CE steps that train the fixed start before the first episode.
+        pretrain_steps: CE steps that train the fixed start (`pretrained_start`).
         features_grad: see `make_dlf_loss_fn`.
         augment: augmentation kind.
         feature_dev_size: dev examples the dev-error feature reads.
@@ -99,24 +99,42 @@ class EpisodicTeacherTraining:
                         teachers.initial_stats(self.teacher.num_classes),
                         feature_dev_size=self.feature_dev_size)
 
-    def init(self, rng: jax.Array, splits: data.Splits) -> dict:
-        """The untaught teacher and the episodes' start(s) (CE-pretrained if asked)."""
+    def pretrained_start(self, rng: jax.Array, splits: data.Splits,
+                         seed: int) -> engine.StudentState:
+        """A fresh student from `rng` (one per population member), CE-trained for
+        `pretrain_steps` steps on the `seed` data order, its step, optimizer state and
+        stats reset: the episodes' fixed start (and, for every method of a run, the start
+        of the taught student). Member 0 is the single student of the same rng and seed.
+        """
+        start = self._student_init(rng, splits.train.x[:1])
+        if not self.pretrain_steps:
+            return start
+        pretrain = self._teaching(cross_entropy_loss, self.pretrain_steps)
+        batches = pretrain.batches(splits, seed=seed, start_step=0, population=self.population)
+        step_fn = pretrain.step_fn(batches)
+
+        def pretrained(student, train):
+            student = engine.unroll(step_fn, None, student, train)[0]
+            return student.replace(
+                step=jax.numpy.zeros_like(student.step),
+                opt_state=self.tx.init(student.params),
+                stats=teachers.initial_stats(self.teacher.num_classes))
+
+        return jax.jit(self.population.vmap(pretrained))(start, batches["train"])
+
+    def init(self, rng: jax.Array, splits: data.Splits,
+             start: engine.StudentState | None = None) -> dict:
+        """The untaught teacher and the episodes' start(s).
+
+        Args:
+            rng: PRNG key of the teacher (and of the default start).
+            splits: the data.
+            start: the fixed start (`pretrained_start`); default: a fresh student.
+        """
         teacher_rng, student_rng, rng = jax.random.split(rng, 3)
         params = self.teacher.init(teacher_rng)
-        start = self._student_init(student_rng, splits.train.x[:1])
-        if self.pretrain_steps:
-            pretrain = self._teaching(cross_entropy_loss, self.pretrain_steps)
-            batches = pretrain.batches(splits, seed=0, start_step=0, population=self.population)
-            step_fn = pretrain.step_fn(batches)
-
-            def pretrained(student, train):
-                student = engine.unroll(step_fn, None, student, train)[0]
-                return student.replace(
-                    step=jax.numpy.zeros_like(student.step),
-                    opt_state=self.tx.init(student.params),
-                    stats=teachers.initial_stats(self.teacher.num_classes))
-
-            start = jax.jit(self.population.vmap(pretrained))(start, batches["train"])
+        if start is None:
+            start = self._student_init(student_rng, splits.train.x[:1])
         start, shared = self.population.place(start, {
             "teacher": params, "teacher_opt": self.update.tx.init(params),
             "episode": jax.numpy.zeros((), jax.numpy.int32), "rng": rng})

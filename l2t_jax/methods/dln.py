@@ -13,6 +13,15 @@ B. *Teacher learning*: phi' = phi - step_size * LSTM_psi(preprocess(g)); unroll 
 C. *Student learning*: the student keeps the weights (and BatchNorm statistics) from
    unroll B; DLN := phi'; the LSTM memory := its new state (both stop-gradiented).
 
+Acceptance (``accept``, not in the released code): ``"always"`` is the released stage C.
+``"proper"`` keeps phi' only while the right answer stays the loss's minimum: its
+`losses.dln.probe_dln` corner gap (how far the minimum over the (s_true, s_other) square
+lies below the loss at (1, 0), in units of the surface's spread) is at most
+``proper_tolerance``. Otherwise the DLN stays phi and the student keeps the weights of
+unroll A (trained under phi), so a student can never be trained on a loss that rewards
+a wrong answer. The teacher learns from every proposal, accepted or not, and its memory
+always advances.
+
 BatchNorm: running statistics are part of the student state carried through both
 unrolls (`engine.StudentState.model_state`), the validation CE reads the student in
 eval mode (running statistics), and stage C keeps the statistics of unroll B, so the
@@ -52,6 +61,7 @@ from l2t_jax.methods.teaching import TeacherUpdate, Teaching
 from l2t_jax.teachers.lstm import CoordinateLSTM
 
 PROTOCOLS = ("fixed", "redraw")
+ACCEPT_RULES = ("always", "proper")
 STUDENT_FEATURE_NAMES = ("iteration_fraction", "train_ce", "val_ce")
 
 
@@ -62,6 +72,7 @@ class DLNMetaGradients(NamedTuple):
         hypergrad: (N,) stage A's d CE_val / d phi, flattened (zeros if non-finite).
         hypergrad_finite: whether it was finite.
         objective_a: stage A's validation CE (under the old DLN).
+        student_a: the students after unroll A (under the old DLN).
         steps: (N,) the teacher's proposed steps h (zeros if the hypergradient was not
             finite).
         new_dln: phi' = phi - step_size * h.
@@ -73,6 +84,7 @@ class DLNMetaGradients(NamedTuple):
     hypergrad: jax.Array
     hypergrad_finite: jax.Array
     objective_a: jax.Array
+    student_a: engine.StudentState
     steps: jax.Array
     new_dln: dict
     memory: dict
@@ -106,6 +118,8 @@ class DLNTeaching:
             shape but not its scale (not in the released code; see ``docs/l2t_dln.md``).
         population: the students sharing the DLN and their mesh (default: one
             student); ``state["student"]`` is then stacked, every leaf (P, ...).
+        accept: ``"always"`` (released) or ``"proper"`` (see the module docstring).
+        proper_tolerance: the largest corner gap ``"proper"`` accepts.
     """
 
     model: nn.Module
@@ -124,6 +138,8 @@ class DLNTeaching:
     num_snapshots: int = 6
     preserve_scale: bool = False
     population: parallel.Population = parallel.SINGLE_STUDENT
+    accept: str = "always"
+    proper_tolerance: float = 0.05
 
     @property
     def _inner(self) -> Teaching:
@@ -247,6 +263,7 @@ class DLNTeaching:
             lambda new, old: jnp.where(g_finite, new, old), memory, state["memory"])
         return DLNMetaGradients(
             hypergrad=g, hypergrad_finite=g_finite, objective_a=result_a.value,
+            student_a=result_a.state,
             steps=steps, new_dln=jax.lax.stop_gradient(new_phi),
             memory=jax.lax.stop_gradient(memory),
             result_b=result_b._replace(grad=teacher_grad),
@@ -262,10 +279,19 @@ class DLNTeaching:
         teacher, teacher_opt, meta_metrics = self.update.apply(
             state["teacher"], state["teacher_opt"], m.result_b
         )
-        # Stage C: the student of unroll B, the new DLN and memory.
-        flat_phi, _ = ravel_pytree(state["dln"])
-        new_flat, _ = ravel_pytree(m.new_dln)
+        # Stage C: the student of unroll B and the new DLN (or, rejected, the old DLN
+        # and the student of unroll A), and the new memory.
         probe = dln_lib.probe_dln(m.new_dln)
+        accepted = jnp.asarray(True)
+        if self.accept == "proper":
+            accepted = probe["corner_gap"] <= self.proper_tolerance
+            probe = jax.tree_util.tree_map(lambda new, old: jnp.where(accepted, new, old),
+                                           probe, dln_lib.probe_dln(state["dln"]))
+        dln, student = jax.tree_util.tree_map(
+            lambda new, old: jnp.where(accepted, new, old),
+            (m.new_dln, m.result_b.state), (state["dln"], m.student_a))
+        flat_phi, _ = ravel_pytree(state["dln"])
+        new_flat, _ = ravel_pytree(dln)
         metrics = {
             **m.result_b.metrics,
             **meta_metrics,
@@ -276,20 +302,22 @@ class DLNTeaching:
                                           1.0 - m.hypergrad_finite.astype(jnp.float32)),
             "teacher/update_norm": jnp.linalg.norm(new_flat - flat_phi),
             "teacher/mean_abs_step": jnp.mean(jnp.abs(m.steps)),
+            "dln/accepted": accepted.astype(jnp.float32),
             "dln/margin": probe["margin"],
             "dln/grid_min": probe["grid_min"],
             "dln/spread": probe["spread"],
+            "dln/corner_gap": probe["corner_gap"],
             "dln/inverted": (probe["margin"] <= 0).astype(jnp.float32),
         }
         new_state = {
-            "student": m.result_b.state,
-            "dln": m.new_dln,
+            "student": student,
+            "dln": dln,
             "teacher": teacher,
             "teacher_opt": teacher_opt,
             "memory": m.memory,
             "snapshots": self._record_snapshot(
                 state["snapshots"], self.population.first(state["student"]).step, flat_phi,
-                self.population.first(m.result_b.state).step, new_flat),
+                self.population.first(student).step, new_flat),
         }
         return new_state, metrics
 

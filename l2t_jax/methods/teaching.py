@@ -115,11 +115,18 @@ class Teaching:
     teacher_update: TeacherUpdate | None = None
     feature_dev_size: int = 512
 
-    def init(self, rng: jax.Array, splits: data.Splits, teacher: Any = None) -> dict:
-        """The untrained student (from `rng`) with the given teacher parameters."""
+    def init(self, rng: jax.Array, splits: data.Splits, teacher: Any = None,
+             start: engine.StudentState | None = None) -> dict:
+        """A fresh student (from `rng`) with the given teacher parameters.
+
+        With `start` (a pre-trained student) the student takes its parameters and model
+        state; its optimizer, step and stats are this phase's fresh ones.
+        """
         student = engine.init_student_state(
             self.model, self.tx, rng, splits.train.x[:1], self.initial_stats
         )
+        if start is not None:
+            student = student.replace(params=start.params, model_state=start.model_state)
         opt_state = self.teacher_update.tx.init(teacher) if self.teacher_update else None
         return {"student": student, "teacher": teacher, "teacher_opt": opt_state}
 
