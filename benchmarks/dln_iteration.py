@@ -14,7 +14,10 @@ K = 15 SGD steps (lr 0.1) on batches of 25, a validation batch of 100, the DLN
   statistics carried functionally through both unrolls, as in the JAX method).
 
 The two sides share shapes and math, not initial values; their gradients are not
-compared (the MLP meta-gradients of `benchmarks/meta_grad.py` are).
+compared (the MLP meta-gradients of `benchmarks/meta_grad.py` are). Both records carry
+``gflop``, XLA's count of the iteration's floating-point operations (`iteration_gflop`;
+the same math on both sides), so ``gflop / median_s`` compares how fast each framework
+runs the same work.
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ def _data(seed: int = 0):
 
 
 def make_jax(data: dict):
-    """``call()`` running one jitted `DLNTeaching.outer_step`, or None if unavailable."""
+    """``call()`` running one jitted `DLNTeaching.outer_step` (its ``gflop`` attribute:
+    `iteration_gflop`), or None if unavailable."""
     try:
         from l2t_jax.methods import build_dln_teaching, initial_loss_params
     except ImportError:
@@ -62,7 +66,48 @@ def make_jax(data: dict):
     batches = {"train": {"x": jnp.asarray(data["x"]), "y": jnp.asarray(data["y"])},
                "val": {"x": jnp.asarray(data["val_x"]), "y": jnp.asarray(data["val_y"])}}
     step = jax.jit(method.outer_step).lower(state, batches).compile()
-    return lambda: jax.block_until_ready(step(state, batches))
+
+    def call():
+        return jax.block_until_ready(step(state, batches))
+
+    call.gflop = iteration_gflop(method, state, batches)
+    return call
+
+
+def _xla_gflop(fn, *args) -> float:
+    import jax
+
+    analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, list) else analysis
+    return analysis["flops"] / 1e9
+
+
+def iteration_gflop(method, state, batches) -> float:
+    """XLA's count of one iteration's floating-point operations, in GFLOP.
+
+    XLA's cost analysis counts a while loop's body once, whatever its trip count; so the
+    iteration is counted on K = 2 and K = 3 steps (which must agree: else the loop was
+    unrolled and this accounting is wrong), and the 2 (K - 1) steps the count leaves out
+    (stages A and B each run K) are added, each a forward step plus its transpose.
+    """
+    import jax
+
+    def first(n):
+        return {**batches, "train": jax.tree_util.tree_map(lambda a: a[:n], batches["train"])}
+
+    counted = [_xla_gflop(method.outer_step, state, first(n)) for n in (2, 3)]
+    if abs(counted[0] - counted[1]) > 1e-6 * counted[0]:
+        raise AssertionError(f"XLA counted loop bodies per trip: {counted}")
+    step_fn = method._inner.step_fn(batches)
+    one = jax.tree_util.tree_map(lambda a: a[0], batches["train"])
+
+    def step_and_transpose(phi, student):
+        new, pullback = jax.vjp(lambda p, s: step_fn(p, s, one)[0], phi, student)
+        return pullback(new)
+
+    per_step = _xla_gflop(step_and_transpose, state["dln"], state["student"])
+    num_steps = batches["train"]["y"].shape[0]
+    return counted[0] + 2 * (num_steps - 1) * per_step
 
 
 def make_torch(data: dict):
@@ -211,8 +256,9 @@ def bench(threads: int, repeats: int) -> list[dict]:
         torch_call()
         calls["torch"] = torch_call
     times = interleaved_times(calls, repeats)
+    gflop = {"gflop": jax_call.gflop} if jax_call is not None else {}
     return [
         timing_record("dln_iteration", name, STUDENT, K, threads, times[name],
-               peak_rss_growth_mb(call), batch=BATCH, val_batch=VAL_BATCH)
+                      peak_rss_growth_mb(call), batch=BATCH, val_batch=VAL_BATCH, **gflop)
         for name, call in calls.items()
     ]

@@ -110,8 +110,10 @@ def plot_dln_loss(dlns: list[tuple[int, dict]], records: list[dict], path: str,
     Top row: the DLN's value on a 1-vs-1 row ``[s_y, s_j, 1, 0]`` as a heatmap over
     (sigmoid z_y, sigmoid z_j) in [0, 1]^2, one panel per snapshot (a loss that still
     teaches the right thing falls towards s_y = 1, s_j = 0). Bottom: the teacher's update
-    magnitude ||phi' - phi|| per iteration, and the DLN's margin L(0, 1) - L(1, 0) (below
-    zero: the loss prefers wrong answers).
+    magnitude ||phi' - phi|| per iteration (0 for updates the ``"proper"`` rule
+    rejected), and the DLN's margin L(0, 1) - L(1, 0) (below zero: the loss prefers wrong
+    answers) with, when recorded, its corner gap (above zero: the right answer is not the
+    loss's minimum; `losses.dln.probe_dln`).
 
     Args:
         dlns: ``[(step, phi)]`` snapshots (`methods.dln.DLNTeaching.snapshot_steps`).
@@ -137,14 +139,17 @@ def plot_dln_loss(dlns: list[tuple[int, dict]], records: list[dict], path: str,
     half = max(1, len(dlns) // 2)
     teacher_records = [r for r in records if "teacher/update_norm" in r]
     steps = [r["step"] for r in teacher_records]
-    for column, (key, label) in enumerate((
-            ("teacher/update_norm", "teacher update ||phi' - phi||"),
-            ("dln/margin", "DLN margin L(0,1) - L(1,0)"))):
+    panels = ((("teacher/update_norm", "||phi' - phi||"),),
+              (("dln/margin", "margin L(0,1) - L(1,0)"), ("dln/corner_gap", "corner gap")))
+    for column, (lines, title_) in enumerate(zip(panels, ("teacher update", "DLN health"))):
         ax = fig.add_subplot(grid[1, column * half:(column + 1) * half or None])
-        ax.plot(steps, [r[key] for r in teacher_records], lw=0.8)
-        if key == "dln/margin":
+        for key, label in lines:
+            if teacher_records and key in teacher_records[0]:
+                ax.plot(steps, [r[key] for r in teacher_records], lw=0.8, label=label)
+        if column == 1:
             ax.axhline(0.0, color="k", lw=0.6, ls=":")
-        ax.set(xlabel="student step", title=label)
+        ax.legend(loc="best", fontsize=8)
+        ax.set(xlabel="student step", title=title_)
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
