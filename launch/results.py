@@ -26,6 +26,8 @@ student, optimizer, step budget and dev selection:
 * Separate teacher data: ``ce-md``, ``l2t-dlf-fixed-md``, ``l2t-dlf-md`` are the L2T-DLF
   group with 150 of the 300 dev examples set aside for the teacher
   (``data.meta_dev_size=150``); every method of the group selects on the other 150.
+  ``ce-long-md``, ``l2t-dln-warm-fixed-md``, ``l2t-dln-warm-proper-md``: the same for the
+  L2T-DLN group.
 
 Writes docs/results/<dataset>_noise<rate>.json (test error in percent, dev-selected, per
 seed; records of other methods already in the file are kept) and the table
@@ -58,6 +60,10 @@ METHODS = {
     "ce-md": (l2t_dlf, "", "ce", {"data.meta_dev_size": 150}),
     "l2t-dlf-fixed-md": (l2t_dlf, "", "l2t-dlf-fixed", {"data.meta_dev_size": 150}),
     "l2t-dlf-md": (l2t_dlf, "", "l2t-dlf", {"data.meta_dev_size": 150}),
+    "ce-long-md": (l2t_dln, "", "ce", {"data.meta_dev_size": 150}),
+    "l2t-dln-warm-fixed-md": (l2t_dln, ",warm", "l2t-dln-fixed", {"data.meta_dev_size": 150}),
+    "l2t-dln-warm-proper-md": (l2t_dln, ",warm", "l2t-dln", {
+        "dln.preserve_scale": True, "dln.accept": "proper", "data.meta_dev_size": 150}),
     "ce-ol": (l2t_dlf, ",online", "ce", {}),
     "l2t-dlf-fixed-ol": (l2t_dlf, ",online", "l2t-dlf-fixed", {}),
     "l2t-dlf-ol": (l2t_dlf, ",online", "l2t-dlf", {}),
@@ -184,6 +190,9 @@ GROUPS = {
     "L2T-DLN group (configs/l2t_dln.py: SGD 0.1, batch 25, 400 iterations of K = 15)": (
         "ce-long", "l2t-dln-fixed", "l2t-dln", "l2t-dln-warm-fixed", "l2t-dln-warm",
         "l2t-dln-warm-proper"),
+    "L2T-DLN group, teacher on a separate meta-dev split (150 of the 300 dev examples; "
+    "selection on the other 150)": ("ce-long-md", "l2t-dln-warm-fixed-md",
+                                    "l2t-dln-warm-proper-md"),
 }
 
 
