@@ -25,7 +25,10 @@ cross_entropy`, over-fitted the 300-example dev set of clean digits: 0% dev erro
 episodes, 4.1% test error vs CE's 2.7%; the smoothed error stops pushing once dev
 examples are right with a margin.) The teaching phase trains a fresh student for
 `train.num_steps` (= the episode length T, the trajectory the teacher was trained on)
-and reports the dev-selected test error.
+and reports the dev-selected test error. With `teacher.pretrain_steps` > 0 (mnist_5k, the
+demo) the episodes and, for ce / l2t-dlf-fixed / l2t-dlf alike, the taught student start
+from one student CE-trained that many steps on the run's seed: the demo teaches a
+pre-trained LeNet for 200 steps, and so does the comparison.
 
 Population (issue 6): `--config.teacher.population_size=P` trains P students per episode
 (own inits and data orders, one vmapped program) and averages the teacher's
