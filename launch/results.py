@@ -193,9 +193,6 @@ GROUPS = {
     "L2T-DLF group (configs/l2t_dlf.py)": ("ce", "l2t-dlf-fixed", "l2t-dlf", "l2t-dlf-pop4"),
     "L2T-DLF group, teacher on a separate meta-dev split (150 of the 300 dev examples; "
     "selection on the other 150)": ("ce-md", "l2t-dlf-fixed-md", "l2t-dlf-md"),
-    "L2T-DLN group at other student learning rates (ce-long-lr03: 0.3, the rest 1.0; "
-    "see l2t_dln.md for the rates dev error selects)": (
-        "ce-long-lr03", "ce-long-lr1", "l2t-dln-warm-fixed-lr1", "l2t-dln-warm-proper-lr1"),
     "L2T-DLF group, online teacher over a training 10 episode lengths long "
     "(configs/l2t_dlf.py:<dataset>,online)": ("ce-ol", "l2t-dlf-fixed-ol", "l2t-dlf-ol"),
     "L2T-DLN group (configs/l2t_dln.py: SGD 0.1, batch 25, 400 iterations of K = 15)": (
@@ -204,6 +201,9 @@ GROUPS = {
     "L2T-DLN group, teacher on a separate meta-dev split (150 of the 300 dev examples; "
     "selection on the other 150)": ("ce-long-md", "l2t-dln-warm-fixed-md",
                                     "l2t-dln-warm-proper-md"),
+    "L2T-DLN group at other student learning rates (ce-long-lr03: 0.3, the rest 1.0; "
+    "see l2t_dln.md for the rates dev error selects)": (
+        "ce-long-lr03", "ce-long-lr1", "l2t-dln-warm-fixed-lr1", "l2t-dln-warm-proper-lr1"),
 }
 
 
