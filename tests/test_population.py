@@ -159,7 +159,7 @@ def test_dln_population_gradients_are_the_means_of_its_students(x64):
     # Stage A: the hypergradient and its objective are the members' means.
     np.testing.assert_allclose(m.hypergrad, np.mean([s.hypergrad for s in singles], axis=0),
                                rtol=1e-9, atol=1e-14)
-    np.testing.assert_allclose(m.objective_a, np.mean([s.objective_a for s in singles]),
+    np.testing.assert_allclose(m.result_a.value, np.mean([s.result_a.value for s in singles]),
                                rtol=1e-12)
     assert not np.allclose(singles[0].hypergrad, singles[1].hypergrad, rtol=1e-3)
 

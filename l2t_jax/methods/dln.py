@@ -71,8 +71,9 @@ class DLNMetaGradients(NamedTuple):
     Attributes:
         hypergrad: (N,) stage A's d CE_val / d phi, flattened (zeros if non-finite).
         hypergrad_finite: whether it was finite.
-        objective_a: stage A's validation CE (under the old DLN).
-        student_a: the students after unroll A (under the old DLN).
+        result_a: stage A's unroll under the old DLN: value (validation CE), grad (the
+            hypergradient as a pytree, before the finiteness guard), the trained
+            student as ``state``, its inner metrics.
         steps: (N,) the teacher's proposed steps h (zeros if the hypergradient was not
             finite).
         new_dln: phi' = phi - step_size * h.
@@ -83,8 +84,7 @@ class DLNMetaGradients(NamedTuple):
 
     hypergrad: jax.Array
     hypergrad_finite: jax.Array
-    objective_a: jax.Array
-    student_a: engine.StudentState
+    result_a: engine.MetaGradient
     steps: jax.Array
     new_dln: dict
     memory: dict
@@ -262,8 +262,7 @@ class DLNTeaching:
         memory = jax.tree_util.tree_map(
             lambda new, old: jnp.where(g_finite, new, old), memory, state["memory"])
         return DLNMetaGradients(
-            hypergrad=g, hypergrad_finite=g_finite, objective_a=result_a.value,
-            student_a=result_a.state,
+            hypergrad=g, hypergrad_finite=g_finite, result_a=result_a,
             steps=steps, new_dln=jax.lax.stop_gradient(new_phi),
             memory=jax.lax.stop_gradient(memory),
             result_b=result_b._replace(grad=teacher_grad),
@@ -287,15 +286,16 @@ class DLNTeaching:
             accepted = probe["corner_gap"] <= self.proper_tolerance
             probe = jax.tree_util.tree_map(lambda new, old: jnp.where(accepted, new, old),
                                            probe, dln_lib.probe_dln(state["dln"]))
-        dln, student = jax.tree_util.tree_map(
+        dln, student, inner_metrics = jax.tree_util.tree_map(
             lambda new, old: jnp.where(accepted, new, old),
-            (m.new_dln, m.result_b.state), (state["dln"], m.student_a))
+            (m.new_dln, m.result_b.state, m.result_b.metrics),
+            (state["dln"], m.result_a.state, m.result_a.metrics))
         flat_phi, _ = ravel_pytree(state["dln"])
         new_flat, _ = ravel_pytree(dln)
         metrics = {
-            **m.result_b.metrics,
+            **inner_metrics,  # of the unroll whose student is kept
             **meta_metrics,
-            "meta/objective_stage_a": m.objective_a,
+            "meta/objective_stage_a": m.result_a.value,
             "meta/hypergrad_norm": jnp.linalg.norm(m.hypergrad),
             # Either gradient non-finite counts (the driver may stop on it).
             "meta/nonfinite": jnp.maximum(meta_metrics["meta/nonfinite"],
