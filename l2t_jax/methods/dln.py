@@ -284,12 +284,11 @@ class DLNTeaching:
         accepted = jnp.asarray(True)
         if self.accept == "proper":
             accepted = probe["corner_gap"] <= self.proper_tolerance
-            probe = jax.tree_util.tree_map(lambda new, old: jnp.where(accepted, new, old),
-                                           probe, dln_lib.probe_dln(state["dln"]))
-        dln, student, inner_metrics = jax.tree_util.tree_map(
+        dln, student, inner_metrics, probe = jax.tree_util.tree_map(
             lambda new, old: jnp.where(accepted, new, old),
-            (m.new_dln, m.result_b.state, m.result_b.metrics),
-            (state["dln"], m.result_a.state, m.result_a.metrics))
+            (m.new_dln, m.result_b.state, m.result_b.metrics, probe),
+            (state["dln"], m.result_a.state, m.result_a.metrics,
+             dln_lib.probe_dln(state["dln"])))
         flat_phi, _ = ravel_pytree(state["dln"])
         new_flat, _ = ravel_pytree(dln)
         metrics = {
