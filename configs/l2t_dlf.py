@@ -40,10 +40,16 @@ import ml_collections
 
 from configs import ce_baseline
 
-
 OPTIONS = ce_baseline.OPTIONS + ("online",)
 # A full-length training for the online option: this many episode lengths.
 ONLINE_LENGTH = 10
+
+
+def _teach_online(config, window: int = 50) -> None:
+    """No episodes: the teacher learns while the student trains, every `window` steps,
+    from the meta-gradient through those steps (truncated backprop)."""
+    config.teacher.update(num_episodes=0, teach_online=True, online_window=window)
+    config.engine.update(estimator="truncated", window=window)
 
 
 def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
@@ -93,15 +99,13 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
         config.train.update(num_steps=300, batch_size=100)
         config.teacher.update(episode_steps=300, num_episodes=150)
     else:  # CIFAR (paper setting): long trainings, so the teacher learns online.
-        config.teacher.update(num_episodes=0, teach_online=True, online_window=50)
-        config.engine.update(estimator="truncated", window=50, remat="sqrt")
+        _teach_online(config)
+        config.engine.remat = "sqrt"
     config.train.update(log_every=10, eval_every=10, checkpoint_every=50)
     if "online" in tokens:
-        t = config.teacher
-        config.train.update(num_steps=ONLINE_LENGTH * t.episode_steps, log_every=50,
+        config.train.update(num_steps=ONLINE_LENGTH * config.teacher.episode_steps, log_every=50,
                             eval_every=100, checkpoint_every=500)
-        t.update(num_episodes=0, teach_online=True, online_window=50)
-        config.engine.update(estimator="truncated", window=t.online_window)
+        _teach_online(config)
     if variant in ("cifar10", "cifar100", "fake_cifar10"):
         config.train.update(log_every=50, eval_every=1000, checkpoint_every=1000)
 
