@@ -98,7 +98,7 @@ def iteration_gflop(method, state, batches) -> float:
     counted = [_xla_gflop(method.outer_step, state, first(n)) for n in (2, 3)]
     if abs(counted[0] - counted[1]) > 1e-6 * counted[0]:
         raise AssertionError(f"XLA counted loop bodies per trip: {counted}")
-    step_fn = method._inner.step_fn(batches)
+    step_fn = method.student_teaching.step_fn(batches)
     one = jax.tree_util.tree_map(lambda a: a[0], batches["train"])
 
     def step_and_transpose(phi, student):

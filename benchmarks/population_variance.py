@@ -107,7 +107,7 @@ def dln_records(updates: int) -> list[dict]:
     for iteration in range(updates):
         state, _ = step(state, method.batches(splits, 0, iteration * method.steps_per_call))
     batches = method.batches(splits, 0, updates * method.steps_per_call)
-    step_fn = method._inner.step_fn(batches)
+    step_fn = method.student_teaching.step_fn(batches)
     objective = method.update.dev_objective_fn(method.model, batches["val"])
     estimator = parallel.PopulationEstimator(method.update.estimator)
 

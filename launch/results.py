@@ -209,7 +209,10 @@ GROUPS = {
 
 def write_table(rows: list[dict], path: str) -> str:
     """Writes (and returns) markdown tables, one per `GROUPS` entry with results: a line
-    per (dataset, noise), a column per method."""
+    per (dataset, noise), a column per method; a cell over fewer or more seeds than most
+    says how many."""
+    counts = [len(r["seeds"]) for r in rows]
+    usual = max(set(counts), key=counts.count) if counts else 0
     sections = []
     for title, group in GROUPS.items():
         methods = [m for m in group if any(r["method"] == m for r in rows)]
@@ -228,6 +231,8 @@ def write_table(rows: list[dict], path: str) -> str:
                 match = [r for r in group_rows if (r["dataset"], r["noise"], r["method"]) ==
                          (dataset, noise, method)]
                 cell = f"{match[0]['mean']:.2f} +- {match[0]['std']:.2f}" if match else ""
+                if match and len(match[0]["seeds"]) != usual:
+                    cell += f" [{len(match[0]['seeds'])} seeds]"
                 if match and match[0].get("overrides"):
                     note = ", ".join(f"{k}={v}" for k, v in match[0]["overrides"].items())
                     if note not in notes:
@@ -240,9 +245,9 @@ def write_table(rows: list[dict], path: str) -> str:
             lines.extend(f"({i}) run with `--set={note}`" for i, note in
                          enumerate(notes, 1))
         sections.append("\n".join(lines))
-    seeds = sorted({len(r["seeds"]) for r in rows})
-    header = (f"Test error (%), mean +- std (sample std) over {'/'.join(map(str, seeds))} "
-              "seeds, each at the step with the lowest dev error (never selected on test). "
+    header = (f"Test error (%), mean +- std (sample std) over {usual} seeds (other counts "
+              "are marked in the cell), each at the step with the lowest dev error (never "
+              "selected on test). "
               "Methods are defined in `launch/results.py` (`METHODS`); what the numbers "
               "mean: [l2t_dlf.md](l2t_dlf.md), [l2t_dln.md](l2t_dln.md) (with the cost of "
               "an L2T-DLN iteration), populations: [population.md](population.md). "

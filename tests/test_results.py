@@ -35,6 +35,7 @@ def test_table_has_a_column_per_method_and_a_row_per_setting(tmp_path):
     assert len(lines) == 4 and all(line.count("2.00 +- 1.41") == 1 for line in lines)
     assert "| ce |" in text and "| ce-long |" not in text  # one table per group present
     assert text.count("### ") == 2
+    assert "over 2 seeds" in text and "seeds]" not in text
     json.dumps(rows)  # the records are plain JSON
 
 
@@ -53,3 +54,12 @@ def test_overrides_convert_types_skip_other_methods_and_are_flagged(tmp_path):
     text = results.write_table(rows, str(tmp_path / "results.md"))
     assert "1.00 +- 0.00 (1) |" in text
     assert "(1) run with `--set=teacher.num_episodes=25`" in text
+
+
+def test_a_cell_over_an_unusual_number_of_seeds_says_how_many(tmp_path):
+    rows = [{"dataset": "digits", "noise": 0.0, "student": "mlp", "method": m,
+             "seeds": list(range(n)), "test_error": [2.0] * n, "mean": 2.0, "std": 0.0}
+            for m, n in (("ce-long", 8), ("l2t-dln-fixed", 8), ("l2t-dln", 4))]
+    text = results.write_table(rows, str(tmp_path / "results.md"))
+    assert "over 8 seeds" in text
+    assert "| 2.00 +- 0.00 | 2.00 +- 0.00 | 2.00 +- 0.00 [4 seeds] |" in text

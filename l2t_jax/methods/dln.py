@@ -142,7 +142,7 @@ class DLNTeaching:
     proper_tolerance: float = 0.05
 
     @property
-    def _inner(self) -> Teaching:
+    def student_teaching(self) -> Teaching:
         """The student's step and training batches, shared with the CE / fixed-DLN runs."""
         return Teaching(self.model, self.tx, dln_lib.dln_loss, self.augment,
                         self.steps_per_call, self.batch_size)
@@ -194,7 +194,7 @@ class DLNTeaching:
         """
         iteration = start_step // self.steps_per_call
         train, val = self._train_and_val_splits(splits, seed, iteration)
-        batches = self._inner.batches(dataclasses.replace(splits, train=train), seed,
+        batches = self.student_teaching.batches(dataclasses.replace(splits, train=train), seed,
                                       start_step, population=self.population)
         val_batch = data.stacked_batches(val, seed=seed + 1, start_step=iteration,
                                          num_steps=1, batch_size=self.val_batch_size)
@@ -226,7 +226,7 @@ class DLNTeaching:
         """
         student = state["student"]
         first = self.population.first(student)
-        step_fn = self._inner.step_fn(batches)
+        step_fn = self.student_teaching.step_fn(batches)
         val = batches["val"]
         if self.augment != "none":
             val = {**val, "x": data.augment_batch(jax.random.fold_in(first.rng, 1),
