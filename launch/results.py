@@ -29,7 +29,7 @@ student, optimizer, step budget and dev selection:
   ``ce-long-md``, ``l2t-dln-warm-fixed-md``, ``l2t-dln-warm-proper-md``: the same for the
   L2T-DLN group.
 * Student learning rate 1.0 instead of the released 0.1: ``ce-long-lr1``,
-  ``l2t-dln-warm-fixed-lr1``, ``l2t-dln-warm-proper-lr1``; 0.3: ``ce-long-lr03``.
+  ``l2t-dln-warm-fixed-lr1``, ``l2t-dln-warm-proper-lr1``; 0.3: the same with ``-lr03``.
 
 Writes docs/results/<dataset>_noise<rate>.json (test error in percent, dev-selected, per
 seed; records of other methods already in the file are kept) and the table
@@ -68,6 +68,10 @@ METHODS = {
         "dln.preserve_scale": True, "dln.accept": "proper", "data.meta_dev_size": 150}),
     "ce-long-lr03": (l2t_dln, "", "ce", {"optimizer.learning_rate": 0.3}),
     "ce-long-lr1": (l2t_dln, "", "ce", {"optimizer.learning_rate": 1.0}),
+    "l2t-dln-warm-fixed-lr03": (l2t_dln, ",warm", "l2t-dln-fixed",
+                                {"optimizer.learning_rate": 0.3}),
+    "l2t-dln-warm-proper-lr03": (l2t_dln, ",warm", "l2t-dln", {
+        "dln.preserve_scale": True, "dln.accept": "proper", "optimizer.learning_rate": 0.3}),
     "l2t-dln-warm-fixed-lr1": (l2t_dln, ",warm", "l2t-dln-fixed",
                                {"optimizer.learning_rate": 1.0}),
     "l2t-dln-warm-proper-lr1": (l2t_dln, ",warm", "l2t-dln", {
@@ -195,15 +199,16 @@ GROUPS = {
     "selection on the other 150)": ("ce-md", "l2t-dlf-fixed-md", "l2t-dlf-md"),
     "L2T-DLF group, online teacher over a training 10 episode lengths long "
     "(configs/l2t_dlf.py:<dataset>,online)": ("ce-ol", "l2t-dlf-fixed-ol", "l2t-dlf-ol"),
-    "L2T-DLN group (configs/l2t_dln.py: SGD 0.1, batch 25, 400 iterations of K = 15)": (
+    "L2T-DLN group (configs/l2t_dln.py: SGD 0.1, batch 25, K = 15; 400 iterations, mnist_5k 200)": (
         "ce-long", "l2t-dln-fixed", "l2t-dln", "l2t-dln-warm-fixed", "l2t-dln-warm",
         "l2t-dln-warm-proper"),
     "L2T-DLN group, teacher on a separate meta-dev split (150 of the 300 dev examples; "
     "selection on the other 150)": ("ce-long-md", "l2t-dln-warm-fixed-md",
                                     "l2t-dln-warm-proper-md"),
-    "L2T-DLN group at other student learning rates (ce-long-lr03: 0.3, the rest 1.0; "
-    "see l2t_dln.md for the rates dev error selects)": (
-        "ce-long-lr03", "ce-long-lr1", "l2t-dln-warm-fixed-lr1", "l2t-dln-warm-proper-lr1"),
+    "L2T-DLN group at other student learning rates (suffix lr03: 0.3, lr1: 1.0; see "
+    "l2t_dln.md for the rates dev error selects)": (
+        "ce-long-lr03", "l2t-dln-warm-fixed-lr03", "l2t-dln-warm-proper-lr03",
+        "ce-long-lr1", "l2t-dln-warm-fixed-lr1", "l2t-dln-warm-proper-lr1"),
 }
 
 
