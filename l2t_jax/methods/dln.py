@@ -280,15 +280,15 @@ class DLNTeaching:
         )
         # Stage C: the student of unroll B and the new DLN (or, rejected, the old DLN
         # and the student of unroll A), and the new memory.
-        probe = dln_lib.probe_dln(m.new_dln)
         accepted = jnp.asarray(True)
         if self.accept == "proper":
-            accepted = probe["corner_gap"] <= self.proper_tolerance
-        dln, student, inner_metrics, probe = jax.tree_util.tree_map(
+            gap = dln_lib.probe_dln(m.new_dln)["corner_gap"]
+            accepted = gap <= self.proper_tolerance
+        dln, student, inner_metrics = jax.tree_util.tree_map(
             lambda new, old: jnp.where(accepted, new, old),
-            (m.new_dln, m.result_b.state, m.result_b.metrics, probe),
-            (state["dln"], m.result_a.state, m.result_a.metrics,
-             dln_lib.probe_dln(state["dln"])))
+            (m.new_dln, m.result_b.state, m.result_b.metrics),
+            (state["dln"], m.result_a.state, m.result_a.metrics))
+        probe = dln_lib.probe_dln(dln)  # of the kept DLN
         flat_phi, _ = ravel_pytree(state["dln"])
         new_flat, _ = ravel_pytree(dln)
         metrics = {
