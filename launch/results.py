@@ -46,6 +46,8 @@ import launch
 from configs import l2t_dlf, l2t_dln
 from l2t_jax import train
 
+# The taught warm DLN under the proper rule (scale preserved).
+_PROPER = {"dln.preserve_scale": True, "dln.accept": "proper"}
 # name -> (config module, extra config options, config.method, {"section.field": value})
 METHODS = {
     "ce": (l2t_dlf, "", "ce", {}),
@@ -56,26 +58,25 @@ METHODS = {
     "l2t-dln": (l2t_dln, "", "l2t-dln", {}),
     "l2t-dln-warm-fixed": (l2t_dln, ",warm", "l2t-dln-fixed", {}),
     "l2t-dln-warm": (l2t_dln, ",warm", "l2t-dln", {"dln.preserve_scale": True}),
-    "l2t-dln-warm-proper": (l2t_dln, ",warm", "l2t-dln", {"dln.preserve_scale": True,
-                                                         "dln.accept": "proper"}),
+    "l2t-dln-warm-proper": (l2t_dln, ",warm", "l2t-dln", _PROPER),
     "l2t-dlf-pop4": (l2t_dlf, "", "l2t-dlf", {"teacher.population_size": 4}),
     "ce-md": (l2t_dlf, "", "ce", {"data.meta_dev_size": 150}),
     "l2t-dlf-fixed-md": (l2t_dlf, "", "l2t-dlf-fixed", {"data.meta_dev_size": 150}),
     "l2t-dlf-md": (l2t_dlf, "", "l2t-dlf", {"data.meta_dev_size": 150}),
     "ce-long-md": (l2t_dln, "", "ce", {"data.meta_dev_size": 150}),
     "l2t-dln-warm-fixed-md": (l2t_dln, ",warm", "l2t-dln-fixed", {"data.meta_dev_size": 150}),
-    "l2t-dln-warm-proper-md": (l2t_dln, ",warm", "l2t-dln", {
-        "dln.preserve_scale": True, "dln.accept": "proper", "data.meta_dev_size": 150}),
+    "l2t-dln-warm-proper-md": (l2t_dln, ",warm", "l2t-dln",
+                               {**_PROPER, "data.meta_dev_size": 150}),
     "ce-long-lr03": (l2t_dln, "", "ce", {"optimizer.learning_rate": 0.3}),
     "ce-long-lr1": (l2t_dln, "", "ce", {"optimizer.learning_rate": 1.0}),
     "l2t-dln-warm-fixed-lr03": (l2t_dln, ",warm", "l2t-dln-fixed",
                                 {"optimizer.learning_rate": 0.3}),
-    "l2t-dln-warm-proper-lr03": (l2t_dln, ",warm", "l2t-dln", {
-        "dln.preserve_scale": True, "dln.accept": "proper", "optimizer.learning_rate": 0.3}),
+    "l2t-dln-warm-proper-lr03": (l2t_dln, ",warm", "l2t-dln",
+                                 {**_PROPER, "optimizer.learning_rate": 0.3}),
     "l2t-dln-warm-fixed-lr1": (l2t_dln, ",warm", "l2t-dln-fixed",
                                {"optimizer.learning_rate": 1.0}),
-    "l2t-dln-warm-proper-lr1": (l2t_dln, ",warm", "l2t-dln", {
-        "dln.preserve_scale": True, "dln.accept": "proper", "optimizer.learning_rate": 1.0}),
+    "l2t-dln-warm-proper-lr1": (l2t_dln, ",warm", "l2t-dln",
+                                {**_PROPER, "optimizer.learning_rate": 1.0}),
     "ce-ol": (l2t_dlf, ",online", "ce", {}),
     "l2t-dlf-fixed-ol": (l2t_dlf, ",online", "l2t-dlf-fixed", {}),
     "l2t-dlf-ol": (l2t_dlf, ",online", "l2t-dlf", {}),
