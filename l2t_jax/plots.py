@@ -12,7 +12,8 @@ import numpy as np  # noqa: E402
 
 
 def plot_training_curves(records: list[dict], path: str, title: str = "") -> None:
-    """Draws train loss and dev/test error against the step and saves a PNG.
+    """Draws the train loss (the method's own: CE, the taught loss, the DLN's value),
+    dev/test cross-entropy and dev/test error against the step and saves a PNG.
 
     Args:
         records: metric records as read by `l2t_jax.metrics.read_metrics`.
@@ -22,7 +23,7 @@ def plot_training_curves(records: list[dict], path: str, title: str = "") -> Non
     fig, (loss_ax, error_ax) = plt.subplots(1, 2, figsize=(11, 4))
     train = [r for r in records if "train/loss" in r]
     loss_ax.plot([r["step"] for r in train], [r["train/loss"] for r in train], "C0",
-                 label="train")
+                 label="train (the method's loss)")
     evals = [r for r in records if "dev/loss" in r]
     for split, color in (("dev", "C1"), ("test", "C2")):
         steps = [r["step"] for r in evals]
@@ -33,7 +34,8 @@ def plot_training_curves(records: list[dict], path: str, title: str = "") -> Non
         error_ax.plot([r["step"] for r in best],
                       [r["best/test_error_at_best_dev"] for r in best],
                       "k--", lw=1, label="test at best dev")
-    loss_ax.set(xlabel="student step", ylabel="cross-entropy", yscale="log", title="loss")
+    loss_ax.set(xlabel="student step", ylabel="loss (dev, test: cross-entropy)", yscale="log",
+                title="loss")
     error_ax.set(xlabel="student step", ylabel="error (%)", title="error")
     for ax in (loss_ax, error_ax):
         ax.grid(alpha=0.3)
