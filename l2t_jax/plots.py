@@ -11,6 +11,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def loss_axis_scale(values) -> str:
+    """``"log"`` for positive losses; ``"symlog"`` when any is <= 0 (a learned loss, e.g.
+    a DLN's, can go negative, and a log axis would silently drop those points)."""
+    return "log" if np.all(np.asarray(values) > 0) else "symlog"
+
+
 def plot_training_curves(records: list[dict], path: str, title: str = "") -> None:
     """Draws the train loss (the method's own: CE, the taught loss, the DLN's value),
     dev/test cross-entropy and dev/test error against the step and saves a PNG.
@@ -25,8 +31,10 @@ def plot_training_curves(records: list[dict], path: str, title: str = "") -> Non
     loss_ax.plot([r["step"] for r in train], [r["train/loss"] for r in train], "C0",
                  label="train (the method's loss)")
     evals = [r for r in records if "dev/loss" in r]
+    losses = [r["train/loss"] for r in train]
     for split, color in (("dev", "C1"), ("test", "C2")):
         steps = [r["step"] for r in evals]
+        losses += [r[f"{split}/loss"] for r in evals]
         loss_ax.plot(steps, [r[f"{split}/loss"] for r in evals], color, label=split)
         error_ax.plot(steps, [r[f"{split}/error"] for r in evals], color, label=split)
     best = [r for r in evals if "best/test_error_at_best_dev" in r]
@@ -34,8 +42,8 @@ def plot_training_curves(records: list[dict], path: str, title: str = "") -> Non
         error_ax.plot([r["step"] for r in best],
                       [r["best/test_error_at_best_dev"] for r in best],
                       "k--", lw=1, label="test at best dev")
-    loss_ax.set(xlabel="student step", ylabel="loss (dev, test: cross-entropy)", yscale="log",
-                title="loss")
+    loss_ax.set(xlabel="student step", ylabel="loss (dev, test: cross-entropy)",
+                yscale=loss_axis_scale(losses), title="loss")
     error_ax.set(xlabel="student step", ylabel="error (%)", title="error")
     for ax in (loss_ax, error_ax):
         ax.grid(alpha=0.3)

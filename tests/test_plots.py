@@ -17,6 +17,13 @@ def test_training_curves_png(tmp_path):
     assert image[..., :3].std() > 0.05  # something was drawn, not a blank canvas
 
 
+def test_loss_axis_is_log_only_while_every_loss_is_positive():
+    assert plots.loss_axis_scale([0.1, 2.0]) == "log"
+    # A DLN's value can go negative (a drifting run reached -5.8): keep those points.
+    assert plots.loss_axis_scale([0.1, -5.8]) == "symlog"
+    assert plots.loss_axis_scale([0.0, 1.0]) == "symlog"
+
+
 def test_dln_loss_png_draws_each_snapshot_surface(tmp_path):
     import jax
 
