@@ -110,14 +110,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     teacher_params = None  # CE: the loss has nothing for a teacher to set
     # The demo's set-up (teacher.pretrain_steps > 0): the teacher's episodes and, for every
     # method alike, the reported student start from one CE-pretrained student.
-    episodic = methods.build_episodic(config, splits) if config.get("teacher") else None
+    teacher_cfg = config.get("teacher")
+    episodes = bool(config.method == "l2t-dlf" and teacher_cfg and teacher_cfg.num_episodes)
+    pretrain = bool(teacher_cfg and teacher_cfg.pretrain_steps)
+    episodic = methods.build_episodic(config, splits) if episodes or pretrain else None
     start = taught_start = None
-    if episodic is not None and episodic.pretrain_steps:
+    if pretrain:
         start = episodic.pretrained_start(student_rng, splits, config.seed)
         # The taught student is one, on one device; copied before the episodes donate
         # (and so delete) the start's buffers.
         taught_start = jax.device_get(episodic.population.first(start))
-    if config.method == "l2t-dlf" and config.teacher.num_episodes:
+    if episodes:
         t = config.teacher
         state, _ = run_phase(
             episodic, episodic.init(teacher_rng, splits, start), splits,
