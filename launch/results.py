@@ -136,14 +136,14 @@ def method_config(dataset: str, method: str, noise: float = 0.0, extra: dict | N
     return config
 
 
-def run_one(dataset: str, noise: float, method: str, seed: int, extra: dict) -> dict:
-    """Runs (or reuses) one seed of one method; returns its summary."""
+def run_one(config, dataset: str, noise: float, method: str, seed: int) -> dict:
+    """Runs (or reuses) one seed of one method (its `method_config`); returns its summary."""
     workdir = os.path.join(_WORKDIR.value, f"{dataset}_noise{noise}", method, f"s{seed}")
     path = os.path.join(workdir, train.SUMMARY_FILE)
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
-    config = method_config(dataset, method, noise, extra)
+    config = config.copy_and_resolve_references()
     config.seed = seed
     logging.info("running %s noise %s %s seed %d", dataset, noise, method, seed)
     return train.train_and_evaluate(config, workdir)
@@ -163,7 +163,8 @@ def main(argv):
         for noise in (float(n) for n in _NOISE.value):
             records = []
             for method in _METHODS.value:
-                summaries = [run_one(dataset, noise, method, s, extra)
+                config = method_config(dataset, method, noise, extra)
+                summaries = [run_one(config, dataset, noise, method, s)
                              for s in range(_SEEDS.value)]
                 errors = [s["test_error"] for s in summaries]
                 record = {
@@ -172,7 +173,7 @@ def main(argv):
                     "test_error": errors, "mean": float(np.mean(errors)),
                     "std": float(np.std(errors, ddof=1)) if len(errors) > 1 else 0.0,
                 }
-                used = applicable_overrides(method_config(dataset, method, noise), extra)
+                used = applicable_overrides(config, extra)
                 if used:
                     record["overrides"] = used
                 records.append(record)
