@@ -70,7 +70,9 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
         num_snapshots=6,            # DLNs kept for the plot
         preserve_scale=False,       # keep the DLN's spread (not in the released code)
         accept="always",            # always (released) | proper (keep phi' only while
-                                    # (1, 0) is the loss's minimum; not released)
+                                    # (1, 0) is the loss's minimum; not released) |
+                                    # proper_descent (and only if it does not raise
+                                    # the iteration's validation CE)
         proper_tolerance=0.05,      # largest accepted corner gap (units of the spread)
         population_size=1,          # students sharing the DLN (gradients averaged)
     ))

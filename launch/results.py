@@ -17,7 +17,9 @@ student, optimizer, step budget and dev selection:
   ``l2t-dln`` (the released set-up), ``l2t-dln-warm-fixed`` and ``l2t-dln-warm`` (the DLN
   warm-started on a soft margin, and taught with its scale preserved),
   ``l2t-dln-warm-proper`` (the same, keeping only DLN updates under which the right
-  answer stays the loss's minimum: ``dln.accept="proper"``).
+  answer stays the loss's minimum: ``dln.accept="proper"``), ``l2t-dln-warm-descent``
+  (and only those that do not raise the iteration's validation CE:
+  ``dln.accept="proper_descent"``).
 * Populations: ``l2t-dlf-pop4`` is ``l2t-dlf`` with the teacher's meta-gradient averaged
   over 4 students per episode (``teacher.population_size=4``).
 * Online teaching over a full-length training (option ``online``: 10 episode lengths,
@@ -29,7 +31,8 @@ student, optimizer, step budget and dev selection:
   ``ce-long-md``, ``l2t-dln-warm-fixed-md``, ``l2t-dln-warm-proper-md``: the same for the
   L2T-DLN group.
 * Student learning rate 1.0 instead of the released 0.1: ``ce-long-lr1``,
-  ``l2t-dln-warm-fixed-lr1``, ``l2t-dln-warm-proper-lr1``; 0.3: the same with ``-lr03``.
+  ``l2t-dln-warm-fixed-lr1``, ``l2t-dln-warm-proper-lr1``, ``l2t-dln-warm-descent-lr1``;
+  0.3: the first three with ``-lr03``.
 
 Writes docs/results/<dataset>_noise<rate>.json (test error in percent, dev-selected, per
 seed; records of other methods already in the file are kept) and the table
@@ -46,8 +49,9 @@ import launch
 from configs import l2t_dlf, l2t_dln
 from l2t_jax import train
 
-# The taught warm DLN under the proper rule (scale preserved).
+# The taught warm DLN under the proper rule (scale preserved), and with the descent test.
 _PROPER = {"dln.preserve_scale": True, "dln.accept": "proper"}
+_DESCENT = {**_PROPER, "dln.accept": "proper_descent"}
 # name -> (config module, extra config options, config.method, {"section.field": value})
 METHODS = {
     "ce": (l2t_dlf, "", "ce", {}),
@@ -59,6 +63,7 @@ METHODS = {
     "l2t-dln-warm-fixed": (l2t_dln, ",warm", "l2t-dln-fixed", {}),
     "l2t-dln-warm": (l2t_dln, ",warm", "l2t-dln", {"dln.preserve_scale": True}),
     "l2t-dln-warm-proper": (l2t_dln, ",warm", "l2t-dln", _PROPER),
+    "l2t-dln-warm-descent": (l2t_dln, ",warm", "l2t-dln", _DESCENT),
     "l2t-dlf-pop4": (l2t_dlf, "", "l2t-dlf", {"teacher.population_size": 4}),
     "ce-md": (l2t_dlf, "", "ce", {"data.meta_dev_size": 150}),
     "l2t-dlf-fixed-md": (l2t_dlf, "", "l2t-dlf-fixed", {"data.meta_dev_size": 150}),
@@ -77,6 +82,8 @@ METHODS = {
                                {"optimizer.learning_rate": 1.0}),
     "l2t-dln-warm-proper-lr1": (l2t_dln, ",warm", "l2t-dln",
                                 {**_PROPER, "optimizer.learning_rate": 1.0}),
+    "l2t-dln-warm-descent-lr1": (l2t_dln, ",warm", "l2t-dln",
+                                 {**_DESCENT, "optimizer.learning_rate": 1.0}),
     "ce-ol": (l2t_dlf, ",online", "ce", {}),
     "l2t-dlf-fixed-ol": (l2t_dlf, ",online", "l2t-dlf-fixed", {}),
     "l2t-dlf-ol": (l2t_dlf, ",online", "l2t-dlf", {}),
@@ -203,14 +210,15 @@ GROUPS = {
     "(configs/l2t_dlf.py:<dataset>,online)": ("ce-ol", "l2t-dlf-fixed-ol", "l2t-dlf-ol"),
     "L2T-DLN group (configs/l2t_dln.py: SGD 0.1, batch 25, K = 15; 400 iterations, mnist_5k 200)": (
         "ce-long", "l2t-dln-fixed", "l2t-dln", "l2t-dln-warm-fixed", "l2t-dln-warm",
-        "l2t-dln-warm-proper"),
+        "l2t-dln-warm-proper", "l2t-dln-warm-descent"),
     "L2T-DLN group, teacher on a separate meta-dev split (150 of the 300 dev examples; "
     "selection on the other 150)": ("ce-long-md", "l2t-dln-warm-fixed-md",
                                     "l2t-dln-warm-proper-md"),
     "L2T-DLN group at other student learning rates (suffix lr03: 0.3, lr1: 1.0; see "
     "l2t_dln.md for the rates dev error selects)": (
         "ce-long-lr03", "l2t-dln-warm-fixed-lr03", "l2t-dln-warm-proper-lr03",
-        "ce-long-lr1", "l2t-dln-warm-fixed-lr1", "l2t-dln-warm-proper-lr1"),
+        "ce-long-lr1", "l2t-dln-warm-fixed-lr1", "l2t-dln-warm-proper-lr1",
+        "l2t-dln-warm-descent-lr1"),
 }
 
 

@@ -290,6 +290,25 @@ def test_proper_rule_rejects_a_dln_that_rewards_wrong_answers(accept):
     chex.assert_trees_all_close(new["memory"], m.memory, rtol=1e-5, atol=1e-7)
 
 
+def test_descent_rule_keeps_only_a_proposal_that_lowers_the_validation_ce():
+    # Two opposite proposals from one proper (warm) DLN: to first order one raises the
+    # iteration's validation CE and the other lowers it, so exactly one is kept.
+    kept = []
+    for step_size in (0.05, -0.05):
+        method, _, state, batches = _problem(accept="proper_descent", dln_step_size=step_size)
+        state["dln"] = dln_lib.warm_start_dln(state["dln"], jax.random.PRNGKey(4))
+        m = jax.jit(method.meta_gradients)(state, batches)
+        assert float(dln_lib.probe_dln(m.new_dln)["corner_gap"]) <= method.proper_tolerance
+        new, step_metrics = jax.jit(method.outer_step)(state, batches)
+        lowers = float(m.result_b.value) <= float(m.result_a.value)
+        assert float(step_metrics["dln/accepted"]) == float(lowers)
+        chex.assert_trees_all_equal(new["dln"], m.new_dln if lowers else state["dln"])
+        kept_student = m.result_b.state if lowers else m.result_a.state
+        chex.assert_trees_all_close(new["student"].params, kept_student.params, rtol=1e-5)
+        kept.append(lowers)
+    assert sorted(kept) == [False, True]
+
+
 def test_redraw_protocol_splits_train_into_disjoint_halves_per_draw():
     method = _method(protocol="redraw", redraw_every=2)
     splits = _splits()

@@ -19,8 +19,10 @@ Acceptance (``accept``, not in the released code): ``"always"`` is the released 
 lies below the loss at (1, 0), in units of the surface's spread) is at most
 ``proper_tolerance``. Otherwise the DLN stays phi and the student keeps the weights of
 unroll A (trained under phi), so a student can never be trained on a loss that rewards
-a wrong answer. The teacher learns from every proposal, accepted or not, and its memory
-always advances.
+a wrong answer. ``"proper_descent"`` also requires the proposal not to raise this
+iteration's validation CE: unroll B's no higher than unroll A's, both from the same
+student on the same batches (a descent test on the teacher's own objective). The
+teacher learns from every proposal, accepted or not, and its memory always advances.
 
 BatchNorm: running statistics are part of the student state carried through both
 unrolls (`engine.StudentState.model_state`), the validation CE reads the student in
@@ -61,7 +63,7 @@ from l2t_jax.methods.teaching import TeacherUpdate, Teaching
 from l2t_jax.teachers.lstm import CoordinateLSTM
 
 PROTOCOLS = ("fixed", "redraw")
-ACCEPT_RULES = ("always", "proper")
+ACCEPT_RULES = ("always", "proper", "proper_descent")
 STUDENT_FEATURE_NAMES = ("iteration_fraction", "train_ce", "val_ce")
 
 
@@ -118,8 +120,9 @@ class DLNTeaching:
             shape but not its scale (not in the released code; see ``docs/l2t_dln.md``).
         population: the students sharing the DLN and their mesh (default: one
             student); ``state["student"]`` is then stacked, every leaf (P, ...).
-        accept: ``"always"`` (released) or ``"proper"`` (see the module docstring).
-        proper_tolerance: the largest corner gap ``"proper"`` accepts.
+        accept: ``"always"`` (released), ``"proper"`` or ``"proper_descent"`` (see the
+            module docstring).
+        proper_tolerance: the largest corner gap the ``"proper*"`` rules accept.
     """
 
     model: nn.Module
@@ -281,9 +284,11 @@ class DLNTeaching:
         # Stage C: the student of unroll B and the new DLN (or, rejected, the old DLN
         # and the student of unroll A), and the new memory.
         accepted = jnp.asarray(True)
-        if self.accept == "proper":
+        if self.accept in ("proper", "proper_descent"):
             gap = dln_lib.probe_dln(m.new_dln)["corner_gap"]
             accepted = gap <= self.proper_tolerance
+        if self.accept == "proper_descent":
+            accepted &= m.result_b.value <= m.result_a.value
         dln, student, inner_metrics = jax.tree_util.tree_map(
             lambda new, old: jnp.where(accepted, new, old),
             (m.new_dln, m.result_b.state, m.result_b.metrics),
