@@ -32,10 +32,11 @@ def plot_training_curves(records: list[dict], path: str, title: str = "") -> Non
                  label="train (the method's loss)")
     evals = [r for r in records if "dev/loss" in r]
     losses = [r["train/loss"] for r in train]
+    steps = [r["step"] for r in evals]
     for split, color in (("dev", "C1"), ("test", "C2")):
-        steps = [r["step"] for r in evals]
-        losses += [r[f"{split}/loss"] for r in evals]
-        loss_ax.plot(steps, [r[f"{split}/loss"] for r in evals], color, label=split)
+        split_losses = [r[f"{split}/loss"] for r in evals]
+        losses += split_losses
+        loss_ax.plot(steps, split_losses, color, label=split)
         error_ax.plot(steps, [r[f"{split}/error"] for r in evals], color, label=split)
     best = [r for r in evals if "best/test_error_at_best_dev" in r]
     if best:

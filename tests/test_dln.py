@@ -1,5 +1,7 @@
 """L2T-DLN: loss network, LSTM teacher, the three stages' gradients, end to end."""
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -293,10 +295,11 @@ def test_proper_rule_rejects_a_dln_that_rewards_wrong_answers(accept):
 def test_descent_rule_keeps_only_a_proposal_that_lowers_the_validation_ce():
     # Two opposite proposals from one proper (warm) DLN: to first order one raises the
     # iteration's validation CE and the other lowers it, so exactly one is kept.
+    base, _, state, batches = _problem(accept="proper_descent")
+    state["dln"] = dln_lib.warm_start_dln(state["dln"], jax.random.PRNGKey(4))
     kept = []
     for step_size in (0.05, -0.05):
-        method, _, state, batches = _problem(accept="proper_descent", dln_step_size=step_size)
-        state["dln"] = dln_lib.warm_start_dln(state["dln"], jax.random.PRNGKey(4))
+        method = dataclasses.replace(base, dln_step_size=step_size)
         m = jax.jit(method.meta_gradients)(state, batches)
         assert float(dln_lib.probe_dln(m.new_dln)["corner_gap"]) <= method.proper_tolerance
         new, step_metrics = jax.jit(method.outer_step)(state, batches)
