@@ -14,21 +14,26 @@ The argument after ':' is a comma-separated list: one dataset variant and option
   options:  noisy (40% symmetric training-label noise), smoke (seconds; for tests),
             online (no episodes: one training of 10 episode lengths, e.g. 3,000 steps on
             mnist1d, with the teacher updated every 50 steps by truncated backprop;
-            --config.method=ce / l2t-dlf-fixed give the same budget untaught)
+            --config.method=ce / l2t-dlf-fixed give the same budget untaught),
+            long (online teaching on the L2T-DLN configs' student and schedule: SGD 0.1,
+            batch 25, 6,000 steps, on mnist_5k the BN LeNet for 3,000; no pre-training;
+            the teacher on Adam 0.03, so the DLF and DLN rows share CE's `ce-long`)
 
-Defaults follow `../shared/specs/l2t_dlf.md`: the demo's dynamic gate
-W_t = W + h_t W2 with the CE mix a_t learned (the demo's --combine_loss idea), Adam with
-global-norm clipping on the teacher (hypergradients through long unrolls are noisy),
-the demo's smoothed 0-1 dev error (k = 50) as the teacher's objective, a fresh student
-init and batch order each episode. (Dev cross-entropy, `--config.teacher.objective=
-cross_entropy`, over-fitted the 300-example dev set of clean digits: 0% dev error in the
-episodes, 4.1% test error vs CE's 2.7%; the smoothed error stops pushing once dev
-examples are right with a margin.) The teaching phase trains a fresh student for
-`train.num_steps` (= the episode length T, the trajectory the teacher was trained on)
-and reports the dev-selected test error. With `teacher.pretrain_steps` > 0 (mnist_5k, the
-demo) the episodes and, for ce / l2t-dlf-fixed / l2t-dlf alike, the taught student start
-from one student CE-trained that many steps on the run's seed: the demo teaches a
-pre-trained LeNet for 200 steps, and so does the comparison.
+Defaults follow `../shared/specs/l2t_dlf.md`: the demo's dynamic gate W_t = W + h_t W2
+(theta starts random: the demo's theta = 0 is a saddle where the gate never opens;
+`teacher.gate_init_scale=0` restores it) with the CE mix a_t learned (the demo's
+--combine_loss idea), Adam with global-norm clipping on the teacher (hypergradients
+through long unrolls are noisy), the demo's smoothed 0-1 dev error (k = 50) as the
+teacher's objective, a fresh student init and batch order each episode. (Dev
+cross-entropy, `--config.teacher.objective=cross_entropy`, over-fitted the 300-example
+dev set of clean digits: 0% dev error in the episodes, 4.1% test error vs CE's 2.7%; the
+smoothed error stops pushing once dev examples are right with a margin.) The teaching
+phase trains a fresh student for `train.num_steps` (= the episode length T, the
+trajectory the teacher was trained on) and reports the dev-selected test error. With
+`teacher.pretrain_steps` > 0 (mnist_5k, the demo) the episodes and, for ce /
+l2t-dlf-fixed / l2t-dlf alike, the taught student start from one student CE-trained that
+many steps on the run's seed: the demo teaches a pre-trained LeNet for 200 steps, and so
+does the comparison.
 
 Population (issue 6): `--config.teacher.population_size=P` trains P students per episode
 (own inits and data orders, one vmapped program) and averages the teacher's
@@ -38,9 +43,9 @@ spreads them over all devices (see README, "Multi-host").
 
 import ml_collections
 
-from configs import ce_baseline
+from configs import ce_baseline, l2t_dln
 
-OPTIONS = ce_baseline.OPTIONS + ("online",)
+OPTIONS = ce_baseline.OPTIONS + ("online", "long")
 # A full-length training for the online option: this many episode lengths.
 ONLINE_LENGTH = 10
 
@@ -55,13 +60,15 @@ def _teach_online(config, window: int = 50) -> None:
 def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
     """The L2T-DLF config; `arg` as in the module docstring."""
     tokens = [t for t in arg.split(",") if t]
-    config = ce_baseline.get_config(",".join(t for t in tokens if t != "online"))
+    config = ce_baseline.get_config(",".join(t for t in tokens if t not in ("online", "long")))
     variant = next((t for t in tokens if t not in OPTIONS), "digits")
     config.method = "l2t-dlf"
 
     config.teacher = ml_collections.ConfigDict(dict(
         form="state_gate",          # static | state_gate | mlp
         hidden=32,                  # mlp form only
+        gate_init_scale=1.0,        # state_gate: theta ~ N(0, scale^2 / 4); 0 is the demo's
+                                    # init, a saddle where the gate never opens
         combine=True,               # teacher-set mix a_t * CE + (1 - a_t) * scale * bilinear
         bilinear_scale=4.0,
         objective="smoothed_error",  # smoothed_error (k = sharpness) | cross_entropy
@@ -106,11 +113,22 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
         config.train.update(num_steps=ONLINE_LENGTH * config.teacher.episode_steps, log_every=50,
                             eval_every=100, checkpoint_every=500)
         _teach_online(config)
+    if "long" in tokens:
+        schedule = l2t_dln.get_config(variant)
+        config.student, config.optimizer = schedule.student, schedule.optimizer
+        config.train.update(num_steps=schedule.train.num_steps,
+                            batch_size=schedule.train.batch_size, log_every=50,
+                            eval_every=schedule.train.eval_every,
+                            checkpoint_every=schedule.train.checkpoint_every)
+        config.teacher.update(pretrain_steps=0, restart="fresh", optimizer="adam",
+                              learning_rate=0.03)
+        _teach_online(config)
     if variant in ("cifar10", "cifar100", "fake_cifar10"):
         config.train.update(log_every=50, eval_every=1000, checkpoint_every=1000)
 
     if "smoke" in tokens:
-        config.teacher.update(num_episodes=0 if "online" in tokens else 3, episode_steps=10,
+        online = "online" in tokens or "long" in tokens
+        config.teacher.update(num_episodes=0 if online else 3, episode_steps=10,
                               checkpoint_every=1,
                               pretrain_steps=min(config.teacher.pretrain_steps, 10),
                               online_window=10)

@@ -22,6 +22,9 @@ student, optimizer, step budget and dev selection:
   ``dln.accept="proper_descent"``).
 * Populations: ``l2t-dlf-pop4`` is ``l2t-dlf`` with the teacher's meta-gradient averaged
   over 4 students per episode (``teacher.population_size=4``).
+* L2T-DLF on the L2T-DLN group's student and schedule (option ``long``: the teacher
+  updated online every 50 steps, no episodes), so that ``ce-long`` is its CE row:
+  ``l2t-dlf-fixed-long``, ``l2t-dlf-long``.
 * Online teaching over a full-length training (option ``online``: 10 episode lengths,
   teacher updated every 50 steps by truncated backprop, no episodes): ``ce-ol``,
   ``l2t-dlf-fixed-ol``, ``l2t-dlf-ol``.
@@ -87,6 +90,8 @@ METHODS = {
     "ce-ol": (l2t_dlf, ",online", "ce", {}),
     "l2t-dlf-fixed-ol": (l2t_dlf, ",online", "l2t-dlf-fixed", {}),
     "l2t-dlf-ol": (l2t_dlf, ",online", "l2t-dlf", {}),
+    "l2t-dlf-fixed-long": (l2t_dlf, ",long", "l2t-dlf-fixed", {}),
+    "l2t-dlf-long": (l2t_dlf, ",long", "l2t-dlf", {}),
 }
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the individual runs live.")
@@ -208,9 +213,10 @@ GROUPS = {
     "selection on the other 150)": ("ce-md", "l2t-dlf-fixed-md", "l2t-dlf-md"),
     "L2T-DLF group, online teacher over a training 10 episode lengths long "
     "(configs/l2t_dlf.py:<dataset>,online)": ("ce-ol", "l2t-dlf-fixed-ol", "l2t-dlf-ol"),
-    "L2T-DLN group (configs/l2t_dln.py: SGD 0.1, batch 25, K = 15; 400 iterations, mnist_5k 200)": (
-        "ce-long", "l2t-dln-fixed", "l2t-dln", "l2t-dln-warm-fixed", "l2t-dln-warm",
-        "l2t-dln-warm-proper", "l2t-dln-warm-descent"),
+    "L2T-DLN group (configs/l2t_dln.py: SGD 0.1, batch 25, K = 15; 400 iterations, mnist_5k "
+    "200), with L2T-DLF on the same student and schedule (configs/l2t_dlf.py:<dataset>,long)": (
+        "ce-long", "l2t-dlf-fixed-long", "l2t-dlf-long", "l2t-dln-fixed", "l2t-dln",
+        "l2t-dln-warm-fixed", "l2t-dln-warm", "l2t-dln-warm-proper", "l2t-dln-warm-descent"),
     "L2T-DLN group, teacher on a separate meta-dev split (150 of the 300 dev examples; "
     "selection on the other 150)": ("ce-long-md", "l2t-dln-warm-fixed-md",
                                     "l2t-dln-warm-proper-md"),

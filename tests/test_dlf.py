@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import l2t_dlf
+from configs import l2t_dlf, l2t_dln
 from l2t_jax import engine, methods, metrics, objectives, optimizers, teachers, train
 from l2t_jax.errors import ConfigError
 from l2t_jax.losses.bilinear import bilinear_sigmoid_loss, identity_bilinear
@@ -100,7 +100,7 @@ def optax_ce(logits, labels):
     return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], -1)[:, 0]
 
 
-def dlf_problem(form, dtype, features_grad):
+def dlf_problem(form, dtype, features_grad, perturb=True):
     """A tiny DLF meta-learning problem: student, batches, dev set, teacher params."""
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(C, 6))
@@ -120,9 +120,9 @@ def dlf_problem(form, dtype, features_grad):
     teacher = teachers.DLFTeacher(form, C, teachers.NUM_FEATURES, hidden=4, combine=True,
                                   bilinear_scale=4.0)
     params = teacher.init(jax.random.PRNGKey(1), dtype)
-    # Move every parameter off its initial value so no gradient is zero by symmetry.
-    params = jax.tree_util.tree_map(
-        lambda p: p + 0.1 * jnp.asarray(rng.normal(size=p.shape), dtype), params)
+    if perturb:  # move every parameter off its initial value: no gradient is zero at W2 = 0
+        params = jax.tree_util.tree_map(
+            lambda p: p + 0.1 * jnp.asarray(rng.normal(size=p.shape), dtype), params)
     stats = jax.tree_util.tree_map(lambda s: s.astype(dtype), teachers.initial_stats(C))
     state = engine.init_student_state(model, tx, jax.random.PRNGKey(2), dev_x[:1], stats)
     step_fn = engine.make_student_step(
@@ -163,6 +163,26 @@ def test_dlf_meta_gradient_matches_central_differences_float64(x64, form):
         partial = engine.FullBackprop()(step_fn, objective, params, state, batches)
         assert not np.allclose(jax.flatten_util.ravel_pytree(partial.grad)[0],
                                jax.flatten_util.ravel_pytree(result.grad)[0], rtol=1e-4)
+
+
+def test_state_gate_gets_a_meta_gradient_at_its_initial_values():
+    step_fn, objective, params, state, batches = dlf_problem("state_gate", jnp.float32, False,
+                                                             perturb=False)
+    meta_grad = jax.jit(lambda p: engine.FullBackprop()(
+        step_fn, objective, p, state, batches).grad)
+    assert float(jnp.abs(meta_grad(params)["W2"]).max()) > 1e-6
+    # The demo's init (gate_init_scale = 0: theta = 0) is a saddle: h_t = 0 and W2 = 0
+    # leave the gate's parameters exactly zero meta-gradients; its teacher stays static.
+    demo = meta_grad({**params, "theta": jnp.zeros_like(params["theta"])})
+    assert all(not np.any(demo[k]) for k in ("W2", "theta", "b2"))
+    assert float(jnp.abs(demo["W"]).max()) > 1e-6
+
+
+def test_a_saved_config_from_before_gate_init_scale_builds_the_init_it_ran_with():
+    config = l2t_dlf.get_config("digits,smoke")
+    assert methods.build_teacher(config, C).gate_init_scale == 1.0
+    del config.teacher.gate_init_scale
+    assert methods.build_teacher(config, C).gate_init_scale == 0.0
 
 
 def test_nonfinite_meta_gradient_is_skipped_never_applied():
@@ -231,6 +251,7 @@ def test_teacher_phase_resumes_exactly(tmp_path, monkeypatch):
     ("teacher.objective", "accuracy", "config.teacher.objective"),
     ("teacher.restart", "warm", "config.teacher.restart"),
     ("teacher.learning_rate", 0.0, "config.teacher.learning_rate"),
+    ("teacher.gate_init_scale", -1.0, "config.teacher.gate_init_scale"),
     ("teacher.on_nonfinite", "ignore", "config.teacher.on_nonfinite"),
     ("teacher.num_episodes", 0, "needs config.teacher.num_episodes >= 1"),
     ("teacher.pretrain_steps", 10, "needs config.teacher.restart='fixed'"),
@@ -241,6 +262,27 @@ def test_bad_teacher_config_is_rejected(field, value, message):
     config[section][key] = value
     with pytest.raises(ConfigError, match=message):
         train.validate_config(config)
+
+
+@pytest.mark.parametrize("dataset", ["digits", "mnist_5k", "mnist1d"])
+def test_long_option_trains_the_dln_groups_student_on_its_schedule(dataset):
+    dlf, dln = l2t_dlf.get_config(dataset + ",long"), l2t_dln.get_config(dataset)
+    assert dlf.student == dln.student and dlf.optimizer == dln.optimizer
+    for field in ("num_steps", "batch_size", "eval_every"):
+        assert dlf.train[field] == dln.train[field]
+    assert dlf.teacher.teach_online and not dlf.teacher.num_episodes
+    assert not dlf.teacher.pretrain_steps
+    train.validate_config(dlf)
+
+
+def test_long_option_teaches_a_batch_norm_student_online(tmp_path):
+    config = l2t_dlf.get_config("mnist_5k,noisy,long,smoke")
+    assert config.student.batch_norm
+    summary = train.train_and_evaluate(config, str(tmp_path))
+    assert 0 <= summary["test_error"] <= 100
+    records = metrics.read_metrics(str(tmp_path))
+    assert [r["step"] for r in records] == [10, 20]
+    assert all(r["meta/nonfinite"] == 0 and r["meta/grad_norm"] > 0 for r in records)
 
 
 def test_episodes_and_online_teacher_read_the_meta_dev_split():

@@ -64,6 +64,8 @@ def validate_teacher_config(config) -> None:
         (t.checkpoint_every >= 1, "config.teacher.checkpoint_every must be >= 1 (episodes)"),
         (t.hidden >= 1, "config.teacher.hidden must be >= 1"),
         (t.bilinear_scale > 0, "config.teacher.bilinear_scale must be > 0"),
+        (t.gate_init_scale >= 0, "config.teacher.gate_init_scale must be >= 0 (0: the demo's "
+         "init, where the state gate never opens)"),
     ]
     for ok, message in checks:
         if not ok:
@@ -195,10 +197,14 @@ def validate_method_config(config) -> None:
 
 
 def build_teacher(config, num_classes: int) -> teachers.DLFTeacher:
-    """The DLF teacher's structure from ``config.teacher``."""
+    """The DLF teacher's structure from ``config.teacher``.
+
+    A run's saved config from before ``gate_init_scale`` existed gets 0, the init it ran
+    with, so that its pictures can still be drawn.
+    """
     t = config.teacher
     return teachers.DLFTeacher(t.form, num_classes, teachers.NUM_FEATURES, t.hidden,
-                               t.combine, t.bilinear_scale)
+                               t.combine, t.bilinear_scale, t.get("gate_init_scale", 0.0))
 
 
 def build_teacher_update(config, section: str | None = None) -> TeacherUpdate:

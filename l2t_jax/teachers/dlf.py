@@ -4,7 +4,11 @@ Forms (``config.teacher.form``):
 
 * ``"static"``: W_t = W, b_t = b (a learned but time-constant loss).
 * ``"state_gate"``: the demo's dynamic form ``W_t = W + h_t W2`` with the scalar gate
-  ``h_t = 2 sigmoid(theta . s_t + b2) - 1``; W2, theta, b2 start at 0.
+  ``h_t = 2 sigmoid(theta . s_t + b2) - 1``. W2 and b2 start at 0, theta at random
+  values of std ``gate_init_scale / sqrt(len(s_t))``. (The demo starts theta at 0 too,
+  ``gate_init_scale = 0``: then h_t = 0 and W2 = 0, a saddle where the meta-gradients of
+  W2, theta and b2 are exactly 0, so the gate never opens and the "dynamic" teacher
+  stays the static one.)
 * ``"mlp"``: the paper's "small neural network": an MLP s_t -> (dW_t, db_t) added to
   (W, b); its last layer starts at 0, so every form starts at the same loss.
 
@@ -36,6 +40,7 @@ class DLFTeacher:
         hidden: hidden width of the ``"mlp"`` form.
         combine: whether the teacher mixes in cross-entropy (a_t), else a_t = 0.
         bilinear_scale: multiplier of the bilinear term in the mix.
+        gate_init_scale: the ``"state_gate"`` theta's initial std times sqrt(len(s_t)).
     """
 
     form: str
@@ -44,6 +49,7 @@ class DLFTeacher:
     hidden: int = 32
     combine: bool = False
     bilinear_scale: float = 1.0
+    gate_init_scale: float = 1.0
 
     def __post_init__(self):
         if self.form not in TEACHER_FORMS:
@@ -52,10 +58,12 @@ class DLFTeacher:
             )
 
     def init(self, rng: jax.Array, dtype=jnp.float32) -> dict:
-        """The untaught teacher: W = I, b = 0, every dynamic part at zero.
+        """The untaught teacher: W = I, b = 0, the loss's dynamic part (W2, the MLP's last
+        layer) at zero; the gate's theta and the MLP's first layer random, so that every
+        parameter gets a meta-gradient from the first update.
 
         Args:
-            rng: PRNG key (used by the ``"mlp"`` form's first layer).
+            rng: PRNG key (the ``"state_gate"`` theta, the ``"mlp"`` form's first layer).
             dtype: parameter dtype.
 
         Returns:
@@ -64,7 +72,9 @@ class DLFTeacher:
         c, f = self.num_classes, self.num_features
         params = identity_bilinear(c, dtype)
         if self.form == "state_gate":
-            params.update(W2=jnp.zeros((c, c), dtype), theta=jnp.zeros(f, dtype),
+            params.update(W2=jnp.zeros((c, c), dtype),
+                          theta=self.gate_init_scale / jnp.sqrt(f)
+                          * jax.random.normal(rng, (f,), dtype),
                           b2=jnp.zeros((), dtype))
         elif self.form == "mlp":
             params["mlp"] = {
