@@ -115,11 +115,9 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
         _teach_online(config)
     if "long" in tokens:
         schedule = l2t_dln.get_config(variant)
-        config.student, config.optimizer = schedule.student, schedule.optimizer
-        config.train.update(num_steps=schedule.train.num_steps,
-                            batch_size=schedule.train.batch_size, log_every=50,
-                            eval_every=schedule.train.eval_every,
-                            checkpoint_every=schedule.train.checkpoint_every)
+        config.student, config.optimizer, config.train = (
+            schedule.student, schedule.optimizer, schedule.train)
+        config.train.log_every = 50  # a multiple of the online window
         config.teacher.update(pretrain_steps=0, restart="fresh", optimizer="adam",
                               learning_rate=0.03)
         _teach_online(config)
