@@ -10,6 +10,12 @@ os.environ["XLA_FLAGS"] = (
 # Datasets are prepared once per test session in a private directory (never the user's
 # ~/tensorflow_datasets); subprocesses started by tests inherit it.
 os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="l2t_jax_tfds_")
+# Many tests build the same programs (a run and its resumed copy, the same smoke config in
+# several modes); JAX's persistent compilation cache, private to this session, compiles
+# each once. Subprocesses share it.
+os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="l2t_jax_xla_")
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 
 import jax  # noqa: E402  (after the environment above)

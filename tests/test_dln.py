@@ -348,10 +348,12 @@ def test_warm_start_fits_the_soft_margin():
 def test_smoke_runs_end_to_end(tmp_path, arg, method):
     config = l2t_dln.get_config(arg)
     config.method = method
-    config.train.update(num_steps=10, checkpoint_every=10)
+    steps = config.dln.unroll_steps  # one iteration of the three stages
+    config.train.update(num_steps=steps, log_every=steps, eval_every=steps,
+                        checkpoint_every=steps)
     summary = train.train_and_evaluate(config, str(tmp_path))
     assert summary["method"] == method and 0 <= summary["test_error"] <= 100
-    assert metrics.read_metrics(str(tmp_path))[-1]["step"] == 10
+    assert metrics.read_metrics(str(tmp_path))[-1]["step"] == steps
 
 
 def test_dln_run_writes_its_records_and_resumes_exactly(tmp_path, monkeypatch):
