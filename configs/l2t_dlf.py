@@ -8,7 +8,8 @@ Compare on the same settings (same student, optimizer, steps, dev selection):
 
 The argument after ':' is a comma-separated list: one dataset variant and options.
   datasets: digits (default; MLP), mnist_5k (the demo: LeNet-5, T = 200, SGD 0.01,
-            batch 20, 100 episodes), mnist1d (MLP), mnist1d_cnn (1-D CNN),
+            batch 20, 100 episodes), mnist1d (MLP; T = 300, SGD momentum 0.9 at 0.1),
+            mnist1d_cnn (1-D CNN; momentum at 0.05),
             cifar10 / cifar100 (He ResNet-20; needs a GPU and a prepared dataset),
             fake_cifar10 (random CIFAR-shaped data: checks the paper set-up runs)
   options:  noisy (40% symmetric training-label noise), smoke (seconds; for tests),
@@ -102,7 +103,10 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
         config.teacher.update(episode_steps=200, num_episodes=100, restart="fixed",
                               pretrain_steps=1000, optimizer="sgd", learning_rate=0.01)
     elif variant in ("mnist1d", "mnist1d_cnn"):
-        config.optimizer.update(name="sgd", learning_rate=0.1 if variant == "mnist1d" else 0.05)
+        # Momentum, so that the student fits within the T = 300 steps the teacher sees
+        # (plain SGD left it at 60 % test error, against 37 % after a long training).
+        config.optimizer.update(name="momentum",
+                                learning_rate=0.1 if variant == "mnist1d" else 0.05)
         config.train.update(num_steps=300, batch_size=100)
         config.teacher.update(episode_steps=300, num_episodes=150)
     else:  # CIFAR (paper setting): long trainings, so the teacher learns online.
