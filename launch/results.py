@@ -29,8 +29,8 @@ student, optimizer, step budget and dev selection:
   teacher updated every 50 steps by truncated backprop, no episodes): ``ce-ol``,
   ``l2t-dlf-fixed-ol``, ``l2t-dlf-ol``.
 * Separate teacher data: ``ce-md``, ``l2t-dlf-fixed-md``, ``l2t-dlf-md`` are the L2T-DLF
-  group with 150 of the 300 dev examples set aside for the teacher
-  (``data.meta_dev_size=150``); every method of the group selects on the other 150.
+  group with 150 of the dev examples (300 on digits, 500 on mnist1d) set aside for the
+  teacher (``data.meta_dev_size=150``); every method of the group selects on the rest.
   ``ce-long-md``, ``l2t-dln-warm-fixed-md``, ``l2t-dln-warm-proper-md``: the same for the
   L2T-DLN group.
 * Student learning rate 1.0 instead of the released 0.1: ``ce-long-lr1``,
@@ -209,8 +209,9 @@ def main(argv):
 # Methods compared in one table share students, optimizers, step budgets and dev selection.
 GROUPS = {
     "L2T-DLF group (configs/l2t_dlf.py)": ("ce", "l2t-dlf-fixed", "l2t-dlf", "l2t-dlf-pop4"),
-    "L2T-DLF group, teacher on a separate meta-dev split (150 of the 300 dev examples; "
-    "selection on the other 150)": ("ce-md", "l2t-dlf-fixed-md", "l2t-dlf-md"),
+    "L2T-DLF group, teacher on a separate meta-dev split (150 of the dev examples: of 300 "
+    "on digits, 500 on mnist1d; selection on the rest)": ("ce-md", "l2t-dlf-fixed-md",
+                                                          "l2t-dlf-md"),
     "L2T-DLF group, online teacher over a training 10 episode lengths long "
     "(configs/l2t_dlf.py:<dataset>,online)": ("ce-ol", "l2t-dlf-fixed-ol", "l2t-dlf-ol"),
     "L2T-DLN group (configs/l2t_dln.py: SGD 0.1, batch 25, K = 15; 400 iterations, mnist_5k "
