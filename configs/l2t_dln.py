@@ -25,7 +25,9 @@ dev set is clean when the training labels are noisy).
 `warm` (not in the released code) first regresses the randomly initialised DLN onto the
 soft margin softplus(4 (s_j - s_y)) (500 Adam steps): a random DLN can point the wrong
 way, and the teacher's 1e-3 steps are slow to undo it (the spec's probe: 1 of 3 seeds
-learned from the random init on noisy digits).
+learned from the random init on noisy digits). `--config.dln.warm_target=bce` regresses
+it onto pairwise binary cross-entropy -log(1 - s_j) - log(s_y) instead, whose slope keeps
+pushing saturated sigmoid outputs (docs/l2t_dln.md, session 8).
 
 Population (issue 6, not in the released code): `--config.dln.population_size=P` trains
 P students (own inits and batches) under the one DLN and LSTM teacher, averaging stage
@@ -53,7 +55,8 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
         depth=4,                    # DLN hidden layers
         init="released",            # released (He normal, fan-out) | warm (soft margin)
         warm_steps=500,
-        warm_sharpness=4.0,
+        warm_target="soft_margin",  # soft_margin (softplus(k (s_j - s_y))) | bce
+        warm_sharpness=4.0,         # k of the soft margin
         unroll_steps=15,            # K
         val_batch_size=100,
         step_size=1e-3,             # phi <- phi - step_size * h

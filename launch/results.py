@@ -36,6 +36,9 @@ student, optimizer, step budget and dev selection:
 * Student learning rate 1.0 instead of the released 0.1: ``ce-long-lr1``,
   ``l2t-dln-warm-fixed-lr1``, ``l2t-dln-warm-proper-lr1``, ``l2t-dln-warm-descent-lr1``;
   0.3: the first three with ``-lr03``.
+* The DLN warm-started on pairwise binary cross-entropy (``dln.warm_target="bce"``),
+  student SGD 0.3: ``l2t-dln-bce-fixed-lr03`` (frozen), ``l2t-dln-bce-proper-lr03``
+  (taught under the proper rule, scale preserved).
 
 Writes docs/results/<dataset>_noise<rate>.json (test error in percent, dev-selected, per
 seed; records of other methods already in the file are kept) and the table
@@ -55,6 +58,8 @@ from l2t_jax import train
 # The taught warm DLN under the proper rule (scale preserved), and with the descent test.
 _PROPER = {"dln.preserve_scale": True, "dln.accept": "proper"}
 _DESCENT = {**_PROPER, "dln.accept": "proper_descent"}
+# The DLN warm-started on pairwise binary cross-entropy, the student at SGD 0.3.
+_BCE = {"dln.warm_target": "bce", "optimizer.learning_rate": 0.3}
 # name -> (config module, extra config options, config.method, {"section.field": value})
 METHODS = {
     "ce": (l2t_dlf, "", "ce", {}),
@@ -87,6 +92,8 @@ METHODS = {
                                 {**_PROPER, "optimizer.learning_rate": 1.0}),
     "l2t-dln-warm-descent-lr1": (l2t_dln, ",warm", "l2t-dln",
                                  {**_DESCENT, "optimizer.learning_rate": 1.0}),
+    "l2t-dln-bce-fixed-lr03": (l2t_dln, ",warm", "l2t-dln-fixed", _BCE),
+    "l2t-dln-bce-proper-lr03": (l2t_dln, ",warm", "l2t-dln", {**_PROPER, **_BCE}),
     "ce-ol": (l2t_dlf, ",online", "ce", {}),
     "l2t-dlf-fixed-ol": (l2t_dlf, ",online", "l2t-dlf-fixed", {}),
     "l2t-dlf-ol": (l2t_dlf, ",online", "l2t-dlf", {}),
@@ -222,10 +229,11 @@ GROUPS = {
     "selection on the other 150)": ("ce-long-md", "l2t-dln-warm-fixed-md",
                                     "l2t-dln-warm-proper-md"),
     "L2T-DLN group at other student learning rates (suffix lr03: 0.3, lr1: 1.0; see "
-    "l2t_dln.md for the rates dev error selects)": (
+    "l2t_dln.md for the rates dev error selects; bce: the DLN warm-started on pairwise "
+    "binary cross-entropy)": (
         "ce-long-lr03", "l2t-dln-warm-fixed-lr03", "l2t-dln-warm-proper-lr03",
         "ce-long-lr1", "l2t-dln-warm-fixed-lr1", "l2t-dln-warm-proper-lr1",
-        "l2t-dln-warm-descent-lr1"),
+        "l2t-dln-warm-descent-lr1", "l2t-dln-bce-fixed-lr03", "l2t-dln-bce-proper-lr03"),
 }
 
 

@@ -331,14 +331,42 @@ def test_redraw_protocol_splits_train_into_disjoint_halves_per_draw():
     assert not np.array_equal(first_halves[0].x, second_halves[0].x)  # re-drawn
 
 
-def test_warm_start_fits_the_soft_margin():
+@pytest.mark.parametrize("target, max_mean_error", [("soft_margin", 0.05), ("bce", 0.1)])
+def test_warm_start_fits_its_target(target, max_mean_error):
     phi = dln_lib.init_dln(jax.random.PRNGKey(0))
-    warm = jax.jit(dln_lib.warm_start_dln)(phi, jax.random.PRNGKey(1))
+    warm = jax.jit(dln_lib.warm_start_dln, static_argnames="target")(
+        phi, jax.random.PRNGKey(1), target=target)
     grid = jnp.linspace(0, 1, 11)
-    target = dln_lib.soft_margin_target(grid[:, None], grid[None, :], 4.0)
-    error = jnp.abs(dln_lib.pair_surface(warm, grid[:, None], grid[None, :]) - target)
-    assert float(error.mean()) < 0.05
+    if target == "bce":
+        expected = dln_lib.bce_target(grid[:, None], grid[None, :])
+    else:
+        expected = dln_lib.soft_margin_target(grid[:, None], grid[None, :], 4.0)
+    error = jnp.abs(dln_lib.pair_surface(warm, grid[:, None], grid[None, :]) - expected)
+    assert float(error.mean()) < max_mean_error
     assert float(dln_lib.probe_dln(warm)["margin"]) > 3
+    assert float(dln_lib.probe_dln(warm)["corner_gap"]) < 0.05
+
+
+def test_bce_warm_start_still_pushes_saturated_wrong_classes():
+    # A wrong class whose sigmoid output is 0.95: the soft margin's slope there is flat
+    # (softplus saturates at k = 4), the BCE target's ~1 / (1 - s) = 20, which is what
+    # cancels the sigmoid's s (1 - s) = 0.0475 in the student's gradient.
+    phi = dln_lib.init_dln(jax.random.PRNGKey(0))
+    warm = jax.jit(dln_lib.warm_start_dln, static_argnames="target")
+
+    def slope(params):
+        return float(jax.grad(lambda s: dln_lib.pair_surface(params, 0.9, s))(0.95))
+
+    bce = slope(warm(phi, jax.random.PRNGKey(1), target="bce"))
+    margin = slope(warm(phi, jax.random.PRNGKey(1), target="soft_margin"))
+    assert 10 < bce < 40
+    assert bce > 3 * margin
+
+
+def test_unknown_warm_target_is_rejected():
+    with pytest.raises(ValueError, match="warm-start target"):
+        dln_lib.warm_start_dln(dln_lib.init_dln(jax.random.PRNGKey(0)), jax.random.PRNGKey(1),
+                               target="hinge")
 
 
 @pytest.mark.parametrize("arg, method", [
@@ -388,6 +416,7 @@ def test_dln_run_writes_its_records_and_resumes_exactly(tmp_path, monkeypatch):
 @pytest.mark.parametrize("field, value, message", [
     ("dln.protocol", "shuffle", "config.dln.protocol"),
     ("dln.init", "zeros", "config.dln.init"),
+    ("dln.warm_target", "hinge", "config.dln.warm_target"),
     ("dln.unroll_steps", 0, "config.dln.unroll_steps"),
     ("dln.step_size", -1.0, "config.dln.step_size"),
     ("dln.accept", "improved", "config.dln.accept"),

@@ -114,13 +114,31 @@ def pair_surface(phi: dict, s_true: jax.Array, s_other: jax.Array) -> jax.Array:
 
 
 def soft_margin_target(s_true: jax.Array, s_other: jax.Array, sharpness: float) -> jax.Array:
-    """A pairwise soft margin, ``softplus(k (s_other - s_true))``: the warm-start target."""
+    """A pairwise soft margin, ``softplus(k (s_other - s_true))``: the default warm target."""
     return jax.nn.softplus(sharpness * (s_other - s_true))
 
 
-def warm_start_dln(phi: dict, rng: jax.Array, *, steps: int = 500, sharpness: float = 4.0,
-                   learning_rate: float = 1e-2, num_points: int = 1024) -> dict:
-    """Regresses a DLN onto `soft_margin_target` over random (s_true, s_other) in [0, 1]^2.
+def bce_target(s_true: jax.Array, s_other: jax.Array, eps: float = 0.01) -> jax.Array:
+    """Pairwise binary cross-entropy, ``-log(1 - s_other) - log(s_true)``, s clipped to
+    [eps, 1 - eps].
+
+    Its slope in s grows like 1 / s_true and 1 / (1 - s_other), which cancels the
+    s (1 - s) factor of the sigmoid in the student's gradient: unlike the soft margin it
+    still pushes a wrong class whose output has saturated near 1 (or a true class near 0).
+    Summed over a sample's rows it is one-vs-all BCE with the true class weighted C - 1.
+    """
+    s_true = jnp.clip(s_true, eps, 1.0 - eps)
+    s_other = jnp.clip(s_other, eps, 1.0 - eps)
+    return -jnp.log1p(-s_other) - jnp.log(s_true)
+
+
+WARM_TARGETS = ("soft_margin", "bce")
+
+
+def warm_start_dln(phi: dict, rng: jax.Array, *, target: str = "soft_margin", steps: int = 500,
+                   sharpness: float = 4.0, learning_rate: float = 1e-2,
+                   num_points: int = 1024) -> dict:
+    """Regresses a DLN onto a target surface over random (s_true, s_other) in [0, 1]^2.
 
     Not in the released code (which starts from the random network): a documented
     option, because a random DLN can point the wrong way and the teacher's 1e-3 steps
@@ -129,19 +147,27 @@ def warm_start_dln(phi: dict, rng: jax.Array, *, steps: int = 500, sharpness: fl
     Args:
         phi: the network to start from (usually `init_dln`).
         rng: PRNG key for the regression points.
+        target: ``"soft_margin"`` (`soft_margin_target`) or ``"bce"`` (`bce_target`).
         steps: Adam steps (a fresh batch of points each step).
-        sharpness: k of the target.
+        sharpness: k of the soft margin.
         learning_rate: Adam learning rate.
         num_points: points per step.
 
     Returns:
         The fitted ``phi``.
     """
+    if target not in WARM_TARGETS:
+        raise ValueError(f"unknown warm-start target {target!r}; choose one of {WARM_TARGETS}")
     tx = optax.adam(learning_rate)
 
+    def surface_target(s_true, s_other):
+        if target == "bce":
+            return bce_target(s_true, s_other)
+        return soft_margin_target(s_true, s_other, sharpness)
+
     def mse(params, points):
-        target = soft_margin_target(points[:, 0], points[:, 1], sharpness)
-        return jnp.mean((pair_surface(params, points[:, 0], points[:, 1]) - target) ** 2)
+        value = pair_surface(params, points[:, 0], points[:, 1])
+        return jnp.mean((value - surface_target(points[:, 0], points[:, 1])) ** 2)
 
     def step(carry, key):
         params, opt_state = carry

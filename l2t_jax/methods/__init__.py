@@ -111,6 +111,8 @@ def validate_dln_config(config) -> None:
         (d.learning_rate > 0, "config.dln.learning_rate must be > 0"),
         (d.clip_norm >= 0, "config.dln.clip_norm must be >= 0 (0: no clipping)"),
         (d.warm_steps >= 1, "config.dln.warm_steps must be >= 1"),
+        (d.warm_target in dln_lib.WARM_TARGETS,
+         f"config.dln.warm_target must be one of {dln_lib.WARM_TARGETS}"),
         (d.redraw_every >= 1, "config.dln.redraw_every must be >= 1 (iterations)"),
         (d.num_snapshots >= 2, "config.dln.num_snapshots must be >= 2"),
     ]
@@ -243,8 +245,9 @@ def initial_loss_params(config, num_classes: int, rng: jax.Array):
     init_rng, warm_rng = jax.random.split(rng)
     phi = dln_lib.init_dln(init_rng, d.hidden, d.depth)
     if d.init == "warm":
-        phi = jax.jit(dln_lib.warm_start_dln, static_argnames=("steps",))(
-            phi, warm_rng, steps=d.warm_steps, sharpness=d.warm_sharpness)
+        phi = jax.jit(dln_lib.warm_start_dln, static_argnames=("target", "steps"))(
+            phi, warm_rng, target=d.warm_target, steps=d.warm_steps,
+            sharpness=d.warm_sharpness)
     return phi
 
 
