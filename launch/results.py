@@ -35,7 +35,7 @@ student, optimizer, step budget and dev selection:
   L2T-DLN group.
 * Student learning rate 1.0 instead of the released 0.1: ``ce-long-lr1``,
   ``l2t-dln-warm-fixed-lr1``, ``l2t-dln-warm-proper-lr1``, ``l2t-dln-warm-descent-lr1``;
-  0.3: the first three with ``-lr03``.
+  0.3: the first three and the descent row with ``-lr03``.
 * The DLN warm-started on pairwise binary cross-entropy (``dln.warm_target="bce"``),
   student SGD 0.3: ``l2t-dln-bce-fixed-lr03`` (frozen), ``l2t-dln-bce-proper-lr03``
   (taught under the proper rule, scale preserved).
@@ -86,6 +86,8 @@ METHODS = {
                                 {"optimizer.learning_rate": 0.3}),
     "l2t-dln-warm-proper-lr03": (l2t_dln, ",warm", "l2t-dln",
                                  {**_PROPER, "optimizer.learning_rate": 0.3}),
+    "l2t-dln-warm-descent-lr03": (l2t_dln, ",warm", "l2t-dln",
+                                  {**_DESCENT, "optimizer.learning_rate": 0.3}),
     "l2t-dln-warm-fixed-lr1": (l2t_dln, ",warm", "l2t-dln-fixed",
                                {"optimizer.learning_rate": 1.0}),
     "l2t-dln-warm-proper-lr1": (l2t_dln, ",warm", "l2t-dln",
@@ -232,7 +234,8 @@ GROUPS = {
     "l2t_dln.md for the rates dev error selects; bce: the DLN warm-started on pairwise "
     "binary cross-entropy)": (
         "ce-long-lr03", "l2t-dln-warm-fixed-lr03", "l2t-dln-warm-proper-lr03",
-        "ce-long-lr1", "l2t-dln-warm-fixed-lr1", "l2t-dln-warm-proper-lr1",
+        "l2t-dln-warm-descent-lr03", "ce-long-lr1", "l2t-dln-warm-fixed-lr1",
+        "l2t-dln-warm-proper-lr1",
         "l2t-dln-warm-descent-lr1", "l2t-dln-bce-fixed-lr03", "l2t-dln-bce-proper-lr03"),
 }
 
