@@ -77,6 +77,8 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
                                     # proper_descent (and only if it does not raise
                                     # the iteration's validation CE)
         proper_tolerance=0.05,      # largest accepted corner gap (units of the spread)
+        keep_after=0,               # student steps before any proposal is kept (the
+                                    # teacher learns from all; not in the released code)
         population_size=1,          # students sharing the DLN (gradients averaged)
     ))
     # Devices: sizes of the (population, data) mesh, -1 = the rest; all 1: one device.

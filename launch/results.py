@@ -35,7 +35,8 @@ student, optimizer, step budget and dev selection:
   L2T-DLN group.
 * Student learning rate 1.0 instead of the released 0.1: ``ce-long-lr1``,
   ``l2t-dln-warm-fixed-lr1``, ``l2t-dln-warm-proper-lr1``, ``l2t-dln-warm-descent-lr1``;
-  0.3: the first three and the descent row with ``-lr03``.
+  0.3: the first three with ``-lr03``. ``l2t-dln-warm-descent-k600-lr1``: the descent row
+  keeping no proposal in the first 600 student steps (``dln.keep_after=600``).
 * The DLN warm-started on pairwise binary cross-entropy (``dln.warm_target="bce"``),
   student SGD 0.3: ``l2t-dln-bce-fixed-lr03`` (frozen), ``l2t-dln-bce-proper-lr03``
   (taught under the proper rule, scale preserved).
@@ -86,14 +87,15 @@ METHODS = {
                                 {"optimizer.learning_rate": 0.3}),
     "l2t-dln-warm-proper-lr03": (l2t_dln, ",warm", "l2t-dln",
                                  {**_PROPER, "optimizer.learning_rate": 0.3}),
-    "l2t-dln-warm-descent-lr03": (l2t_dln, ",warm", "l2t-dln",
-                                  {**_DESCENT, "optimizer.learning_rate": 0.3}),
     "l2t-dln-warm-fixed-lr1": (l2t_dln, ",warm", "l2t-dln-fixed",
                                {"optimizer.learning_rate": 1.0}),
     "l2t-dln-warm-proper-lr1": (l2t_dln, ",warm", "l2t-dln",
                                 {**_PROPER, "optimizer.learning_rate": 1.0}),
     "l2t-dln-warm-descent-lr1": (l2t_dln, ",warm", "l2t-dln",
                                  {**_DESCENT, "optimizer.learning_rate": 1.0}),
+    "l2t-dln-warm-descent-k600-lr1": (l2t_dln, ",warm", "l2t-dln",
+                                      {**_DESCENT, "optimizer.learning_rate": 1.0,
+                                       "dln.keep_after": 600}),
     "l2t-dln-bce-fixed-lr03": (l2t_dln, ",warm", "l2t-dln-fixed", _BCE),
     "l2t-dln-bce-proper-lr03": (l2t_dln, ",warm", "l2t-dln", {**_PROPER, **_BCE}),
     "ce-ol": (l2t_dlf, ",online", "ce", {}),
@@ -234,9 +236,9 @@ GROUPS = {
     "l2t_dln.md for the rates dev error selects; bce: the DLN warm-started on pairwise "
     "binary cross-entropy)": (
         "ce-long-lr03", "l2t-dln-warm-fixed-lr03", "l2t-dln-warm-proper-lr03",
-        "l2t-dln-warm-descent-lr03", "ce-long-lr1", "l2t-dln-warm-fixed-lr1",
-        "l2t-dln-warm-proper-lr1",
-        "l2t-dln-warm-descent-lr1", "l2t-dln-bce-fixed-lr03", "l2t-dln-bce-proper-lr03"),
+        "ce-long-lr1", "l2t-dln-warm-fixed-lr1", "l2t-dln-warm-proper-lr1",
+        "l2t-dln-warm-descent-lr1", "l2t-dln-warm-descent-k600-lr1",
+        "l2t-dln-bce-fixed-lr03", "l2t-dln-bce-proper-lr03"),
 }
 
 

@@ -292,6 +292,21 @@ def test_proper_rule_rejects_a_dln_that_rewards_wrong_answers(accept):
     chex.assert_trees_all_close(new["memory"], m.memory, rtol=1e-5, atol=1e-7)
 
 
+def test_no_proposal_is_kept_before_keep_after_steps():
+    method, splits, state, batches = _problem(keep_after=1)  # the "always" rule
+    step = jax.jit(method.outer_step)
+    m = jax.jit(method.meta_gradients)(state, batches)
+    first, first_metrics = step(state, batches)  # the student is at step 0 < 1
+    assert float(first_metrics["dln/accepted"]) == 0.0
+    chex.assert_trees_all_equal(first["dln"], state["dln"])
+    chex.assert_trees_all_close(first["student"].params, m.result_a.state.params, rtol=1e-5)
+    assert not np.allclose(ravel_pytree(first["teacher"])[0], ravel_pytree(state["teacher"])[0])
+    k = method.steps_per_call
+    second, second_metrics = step(first, method.batches(splits, seed=0, start_step=k))
+    assert float(second_metrics["dln/accepted"]) == 1.0
+    assert not np.allclose(ravel_pytree(second["dln"])[0], ravel_pytree(first["dln"])[0])
+
+
 def test_descent_rule_keeps_only_a_proposal_that_lowers_the_validation_ce():
     # Two opposite proposals from one proper (warm) DLN: to first order one raises the
     # iteration's validation CE and the other lowers it, so exactly one is kept.
@@ -421,6 +436,7 @@ def test_dln_run_writes_its_records_and_resumes_exactly(tmp_path, monkeypatch):
     ("dln.step_size", -1.0, "config.dln.step_size"),
     ("dln.accept", "improved", "config.dln.accept"),
     ("dln.proper_tolerance", -0.1, "config.dln.proper_tolerance"),
+    ("dln.keep_after", -1, "config.dln.keep_after"),
     ("train.eval_every", 12, "multiple of config.dln.unroll_steps"),
 ])
 def test_bad_dln_config_is_rejected(field, value, message):

@@ -99,6 +99,7 @@ def validate_dln_config(config) -> None:
         (d.protocol in PROTOCOLS, f"config.dln.protocol must be one of {PROTOCOLS}"),
         (d.accept in ACCEPT_RULES, f"config.dln.accept must be one of {ACCEPT_RULES}"),
         (d.proper_tolerance >= 0, "config.dln.proper_tolerance must be >= 0"),
+        (d.keep_after >= 0, "config.dln.keep_after must be >= 0 (student steps)"),
         (d.objective in DEV_OBJECTIVES, f"config.dln.objective must be one of {DEV_OBJECTIVES}"),
         (d.on_nonfinite in NONFINITE_POLICIES,
          f"config.dln.on_nonfinite must be one of {NONFINITE_POLICIES}"),
@@ -275,6 +276,7 @@ def build_dln_teaching(config, splits: Splits) -> DLNTeaching:
         population=build_population(config, "dln", config.train.batch_size),
         accept=d.accept,
         proper_tolerance=d.proper_tolerance,
+        keep_after=d.keep_after,
     )
 
 

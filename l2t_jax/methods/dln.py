@@ -123,6 +123,9 @@ class DLNTeaching:
         accept: ``"always"`` (released), ``"proper"`` or ``"proper_descent"`` (see the
             module docstring).
         proper_tolerance: the largest corner gap the ``"proper*"`` rules accept.
+        keep_after: no proposal is kept before the student has taken this many steps
+            (the teacher still learns from every one): an untrained LSTM's first
+            proposals can derail a student at a high learning rate. 0: from the start.
     """
 
     model: nn.Module
@@ -143,6 +146,7 @@ class DLNTeaching:
     population: parallel.Population = parallel.SINGLE_STUDENT
     accept: str = "always"
     proper_tolerance: float = 0.05
+    keep_after: int = 0
 
     @property
     def student_teaching(self) -> Teaching:
@@ -283,10 +287,10 @@ class DLNTeaching:
         )
         # Stage C: the student of unroll B and the new DLN (or, rejected, the old DLN
         # and the student of unroll A), and the new memory.
-        accepted = jnp.asarray(True)
+        accepted = self.population.first(state["student"]).step >= self.keep_after
         if self.accept in ("proper", "proper_descent"):
             gap = dln_lib.probe_dln(m.new_dln)["corner_gap"]
-            accepted = gap <= self.proper_tolerance
+            accepted &= gap <= self.proper_tolerance
         if self.accept == "proper_descent":
             accepted &= m.result_b.value <= m.result_a.value
         dln, student, inner_metrics = jax.tree_util.tree_map(
