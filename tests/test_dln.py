@@ -363,9 +363,9 @@ def test_warm_start_fits_its_target(target, max_mean_error):
 
 
 def test_bce_warm_start_still_pushes_saturated_wrong_classes():
-    # A wrong class whose sigmoid output is 0.95: the soft margin's slope there is flat
-    # (softplus saturates at k = 4), the BCE target's ~1 / (1 - s) = 20, which is what
-    # cancels the sigmoid's s (1 - s) = 0.0475 in the student's gradient.
+    # A wrong class whose sigmoid output is 0.95: the soft margin's slope there is about
+    # 2 (never above k = 4), the BCE target's ~1 / (1 - s) = 20, which is what cancels
+    # the sigmoid's s (1 - s) = 0.0475 in the student's gradient.
     phi = dln_lib.init_dln(jax.random.PRNGKey(0))
     warm = jax.jit(dln_lib.warm_start_dln, static_argnames="target")
 

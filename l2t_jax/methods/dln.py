@@ -287,7 +287,8 @@ class DLNTeaching:
         )
         # Stage C: the student of unroll B and the new DLN (or, rejected, the old DLN
         # and the student of unroll A), and the new memory.
-        accepted = self.population.first(state["student"]).step >= self.keep_after
+        step_before = self.student(state).step
+        accepted = step_before >= self.keep_after
         if self.accept in ("proper", "proper_descent"):
             gap = dln_lib.probe_dln(m.new_dln)["corner_gap"]
             accepted &= gap <= self.proper_tolerance
@@ -324,7 +325,7 @@ class DLNTeaching:
             "teacher_opt": teacher_opt,
             "memory": m.memory,
             "snapshots": self._record_snapshot(
-                state["snapshots"], self.population.first(state["student"]).step, flat_phi,
+                state["snapshots"], step_before, flat_phi,
                 self.population.first(student).step, new_flat),
         }
         return new_state, metrics
