@@ -47,11 +47,12 @@ def student_features(
         num_classes: C, for normalising the loss.
 
     Returns:
-        float32 features. Not stop-gradiented here; the caller decides.
+        Features in the logits' dtype (so float64 students get float64 features and
+        exact meta-gradients). Not stop-gradiented here; the caller decides.
     """
-    error = jnp.mean((jnp.argmax(logits, -1) != labels).astype(jnp.float32))
+    error = jnp.mean((jnp.argmax(logits, -1) != labels).astype(logits.dtype))
     return jnp.stack([
-        state.step.astype(jnp.float32) / total_steps,
+        state.step.astype(logits.dtype) / total_steps,
         error,
         state.stats["train_loss"] / math.log(num_classes),
         state.stats["dev_error"],
