@@ -50,6 +50,7 @@ import optax
 
 from benchmarks._records import write_records
 from l2t_jax import engine
+from l2t_jax.losses import logits_loss
 from l2t_jax.optimizers import make_inner_optimizer
 from l2t_jax.students import _layers, build_student, cnn1d, lenet
 
@@ -82,9 +83,8 @@ def flax_conv():
             module.Conv = conv
 
 
-def tempered_ce(meta_params, logits, labels, state):
+def tempered_ce(meta_params, logits, labels):
     """Cross-entropy of logits / exp(meta_params): the teacher's one scalar."""
-    del state
     logits = logits / jnp.exp(meta_params)
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
@@ -107,7 +107,7 @@ def make_problem(student_name: str, num_steps: int, rng: jax.Array):
         ml_collections.ConfigDict({"name": "sgd", "learning_rate": LEARNING_RATE}),
         num_steps,
     )
-    step_fn = engine.make_student_step(model, tempered_ce, tx)
+    step_fn = engine.make_student_step(model, logits_loss(tempered_ce), tx)
     k_x, k_y, k_dx, k_dy, k_init = jax.random.split(rng, 5)
     batches = {
         "x": jax.random.normal(k_x, (num_steps, batch_size, *input_shape)),

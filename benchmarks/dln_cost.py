@@ -3,7 +3,7 @@ r"""What one L2T-DLN iteration costs on this machine, per student, before rentin
   python -m benchmarks.dln_cost [--repeats=3] [--threads=2] [--remat=none,sqrt] \
       [--students=resnet_wide8,...]
 
-One iteration is `methods.dln.DLNTeaching.outer_step` jitted: stage A (K = 15
+One iteration is `l2t_jax.methods.dln.DLNTeaching.outer_step` jitted: stage A (K = 15
 differentiable SGD steps and the DLN hypergradient), stage B (the LSTM's proposal, the
 same K steps again and the teacher's second-order gradient) and stage C, at the authors'
 batch sizes (train 25, validation 100), built from `configs/l2t_dln.py` exactly as a run
@@ -48,14 +48,14 @@ def bench(name: str, remat_policy: str, repeats: int, threads: int) -> dict:
     import jax
 
     from configs import l2t_dln
-    from l2t_jax import methods
+    from l2t_jax.methods import dln
 
     variant, input_shape, num_classes = STUDENTS[name]
     config = l2t_dln.get_config(variant)
     config.engine.remat = remat_policy
     splits = _splits(input_shape, num_classes)
-    method = methods.build_dln_teaching(config, splits)
-    phi = methods.initial_loss_params(config, num_classes, jax.random.PRNGKey(0))
+    method = dln.build_dln_teaching(config, splits)
+    phi = dln.initial_dln(config, jax.random.PRNGKey(0))
     state = method.init(jax.random.PRNGKey(1), splits, phi)
     batches = method.batches(splits, seed=0, start_step=0)
     compiled, compile_s = remat.compile_timed(method.outer_step, (state, batches))

@@ -49,7 +49,7 @@ def make_jax(data: dict):
     """``call()`` running one jitted `DLNTeaching.outer_step` (its ``gflop`` attribute:
     `iteration_gflop`), or None if unavailable."""
     try:
-        from l2t_jax.methods import build_dln_teaching, initial_loss_params
+        from l2t_jax.methods.dln import build_dln_teaching, initial_dln
     except ImportError:
         return None
     import jax
@@ -62,7 +62,7 @@ def make_jax(data: dict):
         num_classes=NUM_CLASSES, train=types.SimpleNamespace(x=data["x"][0]))
     method = build_dln_teaching(config, splits)
     rng = jax.random.PRNGKey(0)
-    state = method.init(rng, splits, initial_loss_params(config, NUM_CLASSES, rng))
+    state = method.init(rng, splits, initial_dln(config, rng))
     batches = {"train": {"x": jnp.asarray(data["x"]), "y": jnp.asarray(data["y"])},
                "val": {"x": jnp.asarray(data["val_x"]), "y": jnp.asarray(data["val_y"])}}
     step = jax.jit(method.outer_step).lower(state, batches).compile()

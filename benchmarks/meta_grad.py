@@ -44,6 +44,7 @@ import optax
 from benchmarks._records import timing_record
 from benchmarks.remat import compile_timed, make_forward, make_meta_grad
 from l2t_jax import engine
+from l2t_jax.losses import logits_loss
 from l2t_jax.losses.bilinear import bilinear_sigmoid_loss
 from l2t_jax.optimizers import make_inner_optimizer
 from l2t_jax.students import build_student
@@ -59,9 +60,8 @@ GRAD_RTOL = 1e-3
 MB = 2.0**20
 
 
-def bilinear_loss(meta_params, logits, labels, state):
+def bilinear_loss(meta_params, logits, labels):
     """The teacher-controlled loss: `bilinear_sigmoid_loss` with ``meta_params = {W, b}``."""
-    del state
     return bilinear_sigmoid_loss(meta_params["W"], meta_params["b"], logits, labels)
 
 
@@ -87,7 +87,7 @@ def make_problem(student_name: str, num_steps: int, seed: int = 0):
     tx = make_inner_optimizer(
         ml_collections.ConfigDict({"name": "sgd", "learning_rate": LEARNING_RATE}), num_steps
     )
-    step_fn = engine.make_student_step(model, bilinear_loss, tx)
+    step_fn = engine.make_student_step(model, logits_loss(bilinear_loss), tx)
     rng = np.random.default_rng(seed)
     npp = {
         "xs": rng.normal(size=(num_steps, BATCH_SIZE, in_dim)).astype(np.float32),

@@ -4,7 +4,7 @@
 The meta-gradient is the one of `benchmarks/remat.py` (dev cross-entropy after T plain-SGD
 steps of an MLP 64-128-10 on batches of 128, through a class-weighted, tempered
 cross-entropy), taken by `FullBackprop` for every student of a population and averaged
-by `l2t_jax.parallel.PopulationEstimator`. Each student has its own initialisation and
+by `l2t_jax.population.PopulationEstimator`. Each student has its own initialisation and
 random batches.
 
 Two parts:
@@ -12,8 +12,9 @@ Two parts:
 * ``population``: on one device, P in {1, 4, 16, 64} students as one vmapped program
   (``population_vmap``) vs P calls of the jitted single-student meta-gradient
   (``population_sequential``).
-* ``scaling``: the vmapped program jitted on a mesh (`parallel.jit_population_meta_gradient`)
-  over 1, 2, 4, 8 devices: P = 16 students split over the ``population`` axis
+* ``scaling``: the vmapped program jitted on a mesh
+  (`l2t_jax.population.jit_population_meta_gradient`) over 1, 2, 4, 8 devices: P = 16
+  students split over the ``population`` axis
   (``mesh_population``), and P = 2 students with each batch of 128 split over the
   ``data`` axis (``mesh_data``). Gradients are checked equal to the 1-device ones
   (rtol 1e-4) before timing.
@@ -59,7 +60,8 @@ from benchmarks.remat import (
     peak_rss_mb,
     wall_times,
 )
-from l2t_jax import engine, parallel
+from l2t_jax import engine, mesh
+from l2t_jax.population import PopulationEstimator, jit_population_meta_gradient
 
 STUDENT = "mlp64-128-10"
 NUM_STEPS = 10
@@ -98,7 +100,7 @@ def record(benchmark, population, times, memory, threads, devices=1, mesh=None, 
 def bench_population(population: int, repeats: int, threads: int, seed: int) -> list[dict]:
     """Vmapped population vs P sequential single-student calls, on one device."""
     step_fn, objective, (meta_params, states, batches) = make_population(population, seed)
-    estimator = parallel.PopulationEstimator(engine.FullBackprop())
+    estimator = PopulationEstimator(engine.FullBackprop())
 
     def population_grad(mp, s, b):
         result = estimator(step_fn, objective, mp, s, b)
@@ -138,19 +140,19 @@ def bench_scaling(axis: str, population: int, repeats: int, threads: int, seed: 
                   device_counts) -> list[dict]:
     """The population meta-gradient on meshes of 1, 2, ... devices along `axis`."""
     step_fn, objective, args = make_population(population, seed)
-    estimator = parallel.PopulationEstimator(engine.FullBackprop())
+    estimator = PopulationEstimator(engine.FullBackprop())
     records, reference = [], None
     for count in device_counts:
         spec = {"population": count, "data": 1} if axis == "population" else {
             "population": 1, "data": count}
-        mesh = parallel.make_mesh(spec, jax.devices()[:count])
-        fn = parallel.jit_population_meta_gradient(estimator, step_fn, objective, mesh)
+        device_mesh = mesh.make_mesh(spec, jax.devices()[:count])
+        fn = jit_population_meta_gradient(estimator, step_fn, objective, device_mesh)
         start = time.perf_counter()
         compiled = fn.lower(*args).compile()
         compile_s = time.perf_counter() - start
-        placed = jax.device_put(args, (parallel.replicated(mesh),
-                                       parallel.population_sharding(mesh),
-                                       parallel.batch_sharding(mesh)))
+        placed = jax.device_put(args, (mesh.replicated(device_mesh),
+                                       mesh.population_sharding(device_mesh),
+                                       mesh.batch_sharding(device_mesh)))
         grad = jax.block_until_ready(compiled(*placed)).grad
         if reference is None:
             reference = grad

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Does a student population reduce the teacher's meta-gradient variance? (issue 6)
+"""Does a student population reduce the teacher's meta-gradient variance?
 
 On digits with 40% training-label noise, for the two methods' own configs:
 
@@ -9,11 +9,11 @@ On digits with 40% training-label noise, for the two methods' own configs:
   d CE_val / d phi through K = 15 steps (what the LSTM teacher reads), per student,
   on the iteration's shared validation batch.
 
-For each, 16 students (`parallel.PopulationEstimator.per_student`) at the untaught
+For each, 16 students (`population.PopulationEstimator.per_student`) at the untaught
 teacher and after a few teacher updates (DLF: 10 episodes of the P = 1 method; DLN: 20
 iterations of the P = 16 method, so the students have trained 300 steps). Reported:
-the total variance across students sigma^2 = E ||g_i - mean g||^2 (`parallel.
-grad_variance`), the squared norm of the mean, and for P in {1, 4, 16} the variance of
+the total variance across students sigma^2 = E ||g_i - mean g||^2
+(`grad_variance`), the squared norm of the mean, and for P in {1, 4, 16} the variance of
 the P-averaged estimate: measured across the 16 / P disjoint groups of P (P < 16;
 needs >= 2 groups) and sigma^2 / P (independent members). ``noise_to_signal`` =
 variance / ||mean g||^2.
@@ -43,8 +43,8 @@ from jax.flatten_util import ravel_pytree  # noqa: E402
 
 from benchmarks._records import write_records  # noqa: E402
 from configs import l2t_dlf, l2t_dln  # noqa: E402
-from l2t_jax import data, methods, parallel  # noqa: E402
-from l2t_jax.methods.dlf import make_dlf_loss_fn  # noqa: E402
+from l2t_jax import data, population  # noqa: E402
+from l2t_jax.methods import dlf, dln  # noqa: E402
 
 NUM_STUDENTS = 16
 POPULATION_SIZES = (1, 4, 16)
@@ -52,9 +52,27 @@ OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
                    "population_variance.json")
 
 
+def grad_variance(grads) -> jax.Array:
+    """Total variance of per-student meta-gradients: E ||g_i - mean g||^2 (unbiased).
+
+    The population average of P independent students has total variance this / P: the
+    quantity to report when asking whether a population reduces meta-gradient noise.
+
+    Args:
+        grads: a gradient pytree whose leaves have a leading P axis, P >= 2.
+
+    Returns:
+        Scalar: the sum over coordinates of the across-student variance (ddof=1).
+    """
+    leaves = jax.tree_util.tree_leaves(grads)
+    if leaves[0].shape[0] < 2:
+        raise ValueError(f"grad_variance needs P >= 2 students, got {leaves[0].shape[0]}")
+    return sum(jnp.sum(jnp.var(g, axis=0, ddof=1)) for g in leaves)
+
+
 def summarise(method: str, updates: int, grads: np.ndarray, seconds: float) -> list[dict]:
     """Records for P in POPULATION_SIZES from (NUM_STUDENTS, N) per-student gradients."""
-    sigma2 = float(parallel.grad_variance(jnp.asarray(grads)))
+    sigma2 = float(grad_variance(jnp.asarray(grads)))
     mean_sq = float(np.sum(grads.mean(axis=0) ** 2))
     records = []
     for p in POPULATION_SIZES:
@@ -71,18 +89,18 @@ def summarise(method: str, updates: int, grads: np.ndarray, seconds: float) -> l
 def dlf_records(updates: int) -> list[dict]:
     config = l2t_dlf.get_config("digits,noisy")
     splits = data.load_splits(config.data)
-    single = methods.build_episodic(config, splits)
+    single = dlf.build_episodic(config, splits, dlf.build_teacher(config, splits.num_classes))
     state = single.init(jax.random.PRNGKey(0), splits)
     step = jax.jit(single.outer_step)
     for episode in range(updates):
         state, _ = step(state, single.batches(splits, 0, episode * single.steps_per_call))
-    method = dataclasses.replace(single, population=parallel.Population(NUM_STUDENTS))
+    method = dataclasses.replace(single, population=population.Population(NUM_STUDENTS))
     batches = method.batches(splits, 1, updates * method.steps_per_call)
     step_fn = method._teaching(
-        make_dlf_loss_fn(method.teacher, method.steps_per_call, method.features_grad),
-        method.steps_per_call).step_fn(batches)
+        dlf.make_dlf_loss_fn(method.teacher, method.steps_per_call, method.features_grad),
+    ).step_fn(batches)
     objective = method.update.dev_objective_fn(method.model, batches["dev"])
-    estimator = parallel.PopulationEstimator(method.update.estimator)
+    estimator = population.PopulationEstimator(method.update.estimator)
 
     @jax.jit
     def per_student(teacher, rng):
@@ -91,7 +109,7 @@ def dlf_records(updates: int) -> list[dict]:
                                      batches["train"]).grad
 
     start = time.perf_counter()
-    grads = per_student(state["teacher"], jax.random.PRNGKey(100 + updates))
+    grads = per_student(state.teacher_params, jax.random.PRNGKey(100 + updates))
     grads = np.asarray(jax.vmap(lambda g: ravel_pytree(g)[0])(grads), np.float64)
     return summarise("l2t-dlf", updates, grads, time.perf_counter() - start)
 
@@ -100,8 +118,8 @@ def dln_records(updates: int) -> list[dict]:
     config = l2t_dln.get_config("digits,noisy,warm")
     config.dln.population_size = NUM_STUDENTS
     splits = data.load_splits(config.data)
-    method = methods.build_dln_teaching(config, splits)
-    phi = methods.initial_loss_params(config, splits.num_classes, jax.random.PRNGKey(1))
+    method = dln.build_dln_teaching(config, splits)
+    phi = dln.initial_dln(config, jax.random.PRNGKey(1))
     state = method.init(jax.random.PRNGKey(0), splits, phi)
     step = jax.jit(method.outer_step)
     for iteration in range(updates):
@@ -109,14 +127,14 @@ def dln_records(updates: int) -> list[dict]:
     batches = method.batches(splits, 0, updates * method.steps_per_call)
     step_fn = method.student_teaching.step_fn(batches)
     objective = method.update.dev_objective_fn(method.model, batches["val"])
-    estimator = parallel.PopulationEstimator(method.update.estimator)
+    estimator = population.PopulationEstimator(method.update.estimator)
 
     @jax.jit
     def per_student(dln, students):
         return estimator.per_student(step_fn, objective, dln, students, batches["train"]).grad
 
     start = time.perf_counter()
-    grads = per_student(state["dln"], state["student"])
+    grads = per_student(state.loss_params, state.student)
     grads = np.asarray(jax.vmap(lambda g: ravel_pytree(g)[0])(grads), np.float64)
     return summarise("l2t-dln", updates, grads, time.perf_counter() - start)
 

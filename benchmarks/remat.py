@@ -58,6 +58,7 @@ import optax
 
 from benchmarks._records import timing_record, write_records
 from l2t_jax import engine
+from l2t_jax.losses import logits_loss
 from l2t_jax.optimizers import make_inner_optimizer
 from l2t_jax.students import build_student
 
@@ -73,20 +74,18 @@ QUICK_STEPS = (10, 100)
 MB = 2.0**20
 
 
-def weighted_tempered_ce(meta_params, logits, labels, state):
+def weighted_tempered_ce(meta_params, logits, labels):
     """The teacher-controlled student loss: class-weighted cross-entropy at a temperature.
 
     Args:
         meta_params: ``{"log_class_weight": (C,), "log_temperature": ()}``.
         logits: student logits (B, C).
         labels: integer labels (B,).
-        state: the student before the step (unused).
 
     Returns:
         mean_b w[y_b] * CE(logits_b / tau, y_b), with w = exp(log_class_weight) and
         tau = exp(log_temperature); plain cross-entropy at zero meta-parameters.
     """
-    del state
     weights = jnp.exp(meta_params["log_class_weight"])[labels]
     temperature = jnp.exp(meta_params["log_temperature"])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits / temperature, labels)
@@ -116,7 +115,7 @@ def make_problem(student_name: str, num_steps: int, rng: jax.Array):
         ml_collections.ConfigDict({"name": "sgd", "learning_rate": LEARNING_RATE}),
         num_steps,
     )
-    step_fn = engine.make_student_step(model, weighted_tempered_ce, tx)
+    step_fn = engine.make_student_step(model, logits_loss(weighted_tempered_ce), tx)
     k_x, k_y, k_dx, k_dy, k_init, k_w, k_t = jax.random.split(rng, 7)
     batches = {
         "x": jax.random.normal(k_x, (num_steps, BATCH_SIZE, in_dim), jnp.float32),

@@ -1,4 +1,4 @@
-"""All speed benchmarks of issue 5, side by side with PyTorch: one command, a table, JSON.
+"""All speed benchmarks, side by side with PyTorch: one command, a table, JSON.
 
 Launch, from the repository root (PyTorch and friends: `pip install -r
 benchmarks/requirements.txt`; without them only the JAX side runs):

@@ -36,7 +36,7 @@ l2t-dlf-fixed / l2t-dlf alike, the taught student start from one student CE-trai
 many steps on the run's seed: the demo teaches a pre-trained LeNet for 200 steps, and so
 does the comparison.
 
-Population (issue 6): `--config.teacher.population_size=P` trains P students per episode
+Population: `--config.teacher.population_size=P` trains P students per episode
 (own inits and data orders, one vmapped program) and averages the teacher's
 meta-gradient over them; `--config.mesh.population=-1` (and/or `--config.mesh.data`)
 spreads them over all devices (see README, "Multi-host").

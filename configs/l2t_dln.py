@@ -27,9 +27,9 @@ soft margin softplus(4 (s_j - s_y)) (500 Adam steps): a random DLN can point the
 way, and the teacher's 1e-3 steps are slow to undo it (the spec's probe: 1 of 3 seeds
 learned from the random init on noisy digits). `--config.dln.warm_target=bce` regresses
 it onto pairwise binary cross-entropy -log(1 - s_j) - log(s_y) instead, whose slope keeps
-pushing saturated sigmoid outputs (docs/l2t_dln.md, session 8).
+pushing saturated sigmoid outputs (docs/l2t_dln.md).
 
-Population (issue 6, not in the released code): `--config.dln.population_size=P` trains
+Population (not in the released code): `--config.dln.population_size=P` trains
 P students (own inits and batches) under the one DLN and LSTM teacher, averaging stage
 A's hypergradient and stage B's teacher gradient over them; member 0 is the reported
 student. `--config.mesh.population=-1` (and/or `--config.mesh.data`) spreads them over

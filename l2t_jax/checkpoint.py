@@ -6,7 +6,11 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
+
+from l2t_jax.errors import ConfigError
 
 
 class Checkpointer:
@@ -42,12 +46,25 @@ class Checkpointer:
 
         Returns:
             ``(state, step)``: the restored state and its step, or ``(state, 0)``.
+
+        Raises:
+            ConfigError: the checkpoint holds a state of another layout (written by an
+                older version of the library, or by another method), in one line.
         """
         step = self.latest_step()
         if step is None:
             return state, 0
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
-        restored = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        try:
+            restored = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except ValueError as e:
+            if "tree structures do not match" not in str(e):
+                raise
+            raise ConfigError(
+                f"the checkpoint at step {step} in {self._manager.directory} holds a state "
+                "of another layout (written by an older l2t_jax or by another method); "
+                "resume it with the version that wrote it, or start a new --workdir"
+            ) from None
         return restored, step
 
     def save(self, step: int, state: Any) -> None:
@@ -58,3 +75,15 @@ class Checkpointer:
         """Waits for pending writes and releases the manager."""
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def save_params(params, path: str) -> None:
+    """Writes a parameter pytree of nested dicts to ``.npz`` (keys joined by ``/``)."""
+    flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
+    np.savez(path, **flat)
+
+
+def load_params(path: str) -> dict:
+    """Reads what `save_params` wrote, as nested dicts of numpy arrays."""
+    with np.load(path) as f:
+        return traverse_util.unflatten_dict(dict(f), sep="/")

@@ -38,9 +38,11 @@ from l2t_jax.errors import ConfigError
 
 PyTree = Any
 Batch = dict[str, jax.Array]
-# loss_fn(meta_params, logits, labels, state) -> scalar, with `state` the student before
-# the step (its `step` counter and anything else a loss family reads).
-LossFn = Callable[[PyTree, jax.Array, jax.Array, "StudentState"], jax.Array]
+# loss_fn(meta_params, output, batch, state) -> scalar: `output` is the student's
+# `ModelOutput` on the step's batch, `batch` the batch as the student saw it (augmented
+# "x", labels "y", and the target model's `ModelOutput` as "target" when one is set),
+# `state` the student before the step (its `step` counter and running stats).
+LossFn = Callable[[PyTree, "ModelOutput", dict, "StudentState"], jax.Array]
 StepFn = Callable[[PyTree, "StudentState", Batch], tuple["StudentState", dict]]
 # objective(meta_params, final_state) -> (scalar to minimise, aux)
 Objective = Callable[[PyTree, "StudentState"], tuple[jax.Array, Any]]
@@ -48,6 +50,50 @@ AugmentFn = Callable[[jax.Array, jax.Array], jax.Array]
 StatsFn = Callable[["StudentState", dict], PyTree]
 
 REMAT_POLICIES = ("none", "step", "sqrt")
+# The Flax collection students `sow` their named activations into.
+ACTIVATIONS_COLLECTION = "intermediates"
+
+
+@flax.struct.dataclass
+class ModelOutput:
+    """What a network computes on a batch, as a loss sees it.
+
+    Attributes:
+        logits: (B, C) unnormalised class scores.
+        activations: the named intermediate activations that were requested (see
+            `student_output`), e.g. ``{"group_1": (B, H, W, C)}``; ``{}`` when none.
+    """
+
+    logits: jax.Array
+    activations: dict = flax.struct.field(default_factory=dict)
+
+
+@flax.struct.dataclass
+class TargetModel:
+    """A frozen network whose outputs are targets inside the student's loss.
+
+    The network distilled from (a KD "teacher" in the distillation literature; here the
+    *target model*, never a teacher: it is not trained and sets no loss parameters). It
+    runs in eval mode, under `jax.lax.stop_gradient`, on the same augmented batch as the
+    student, inside the student's step; the loss reads its `ModelOutput` as
+    ``batch["target"]``.
+
+    Attributes:
+        model: its Flax module.
+        variables: its variables (``{"params": ..., "batch_stats": ...}``).
+        activations: names of its activations the loss reads.
+    """
+
+    model: nn.Module = flax.struct.field(pytree_node=False)
+    variables: PyTree
+    activations: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
+
+    def __call__(self, x: jax.Array) -> ModelOutput:
+        """Its output on inputs `x` (B, ...), gradient stopped."""
+        model_state = {k: v for k, v in self.variables.items() if k != "params"}
+        output, _ = student_output(self.model, self.variables["params"], model_state, x,
+                                   train=False, activations=self.activations)
+        return jax.lax.stop_gradient(output)
 
 
 @flax.struct.dataclass
@@ -95,7 +141,8 @@ def init_student_state(
     init_rng, state_rng = jax.random.split(rng)
     variables = model.init(init_rng, sample_x, train=False)
     params = variables["params"]
-    model_state = {k: v for k, v in variables.items() if k != "params"}
+    model_state = {k: v for k, v in variables.items()
+                   if k not in ("params", ACTIVATIONS_COLLECTION)}
     return StudentState(
         params=params,
         model_state=model_state,
@@ -104,6 +151,56 @@ def init_student_state(
         rng=state_rng,
         stats={} if stats is None else stats,
     )
+
+
+def student_output(
+    model: nn.Module,
+    params: PyTree,
+    model_state: PyTree,
+    x: jax.Array,
+    *,
+    train: bool,
+    rng: jax.Array | None = None,
+    activations: tuple[str, ...] = (),
+) -> tuple[ModelOutput, PyTree]:
+    """Runs a network and collects the named activations a loss asked for.
+
+    Students `sow` named activations into the ``"intermediates"`` collection (e.g. the
+    MLP's ``hidden_0``, the ResNets' ``group_1``); they are collected only when asked
+    for, so an unrequested activation costs nothing.
+
+    Args:
+        model: the Flax network.
+        params: its parameters.
+        model_state: its non-trainable collections (BatchNorm statistics).
+        x: inputs (B, ...).
+        train: train mode (batch statistics, dropout) or eval mode.
+        rng: dropout key, used in train mode.
+        activations: names of the sown activations to return.
+
+    Returns:
+        ``(output, model_state)``; in eval mode the model state is unchanged.
+
+    Raises:
+        ConfigError: an activation the network does not sow.
+    """
+    variables = {"params": params, **model_state}
+    mutable = list(model_state) if train else []
+    if activations:
+        mutable.append(ACTIVATIONS_COLLECTION)
+    rngs = {"dropout": rng} if train and rng is not None else {}
+    if not mutable and not train:
+        return ModelOutput(model.apply(variables, x, train=False)), model_state
+    logits, updated = model.apply(variables, x, train=train, mutable=mutable, rngs=rngs)
+    updated = dict(updated)
+    sown = updated.pop(ACTIVATIONS_COLLECTION, {})
+    missing = [name for name in activations if name not in sown]
+    if missing:
+        raise ConfigError(
+            f"{type(model).__name__} exposes no activation {missing[0]!r}; it exposes "
+            f"{sorted(sown)}")
+    output = ModelOutput(logits, {name: sown[name][-1] for name in activations})
+    return output, updated if train else model_state
 
 
 def apply_student(
@@ -128,14 +225,8 @@ def apply_student(
     Returns:
         ``(logits (B, C), model_state)``; in eval mode the model state is unchanged.
     """
-    variables = {"params": params, **model_state}
-    if not train:
-        return model.apply(variables, x, train=False), model_state
-    rngs = {"dropout": rng} if rng is not None else {}
-    logits, new_state = model.apply(
-        variables, x, train=True, mutable=list(model_state), rngs=rngs
-    )
-    return logits, dict(new_state)
+    output, model_state = student_output(model, params, model_state, x, train=train, rng=rng)
+    return output.logits, model_state
 
 
 def make_student_step(
@@ -144,16 +235,23 @@ def make_student_step(
     tx: optax.GradientTransformation,
     augment_fn: AugmentFn | None = None,
     stats_fn: StatsFn | None = None,
+    *,
+    activations: tuple[str, ...] = (),
+    target: TargetModel | None = None,
 ) -> StepFn:
     """Builds the pure inner step of a student trained on a teacher-controlled loss.
 
     Args:
         model: the Flax student.
-        loss_fn: ``loss_fn(meta_params, logits, labels, state) -> scalar``.
+        loss_fn: ``loss_fn(meta_params, output, batch, state) -> scalar`` (see `LossFn`).
         tx: the inner optax optimizer.
         augment_fn: optional ``augment_fn(key, x) -> x`` applied to each batch.
         stats_fn: optional ``stats_fn(new_state, metrics) -> stats`` updating the
             running statistics after each step (otherwise they are carried unchanged).
+        activations: the student's named activations the loss reads
+            (``output.activations``).
+        target: a frozen target model run on the same augmented batch; the loss reads
+            its output as ``batch["target"]``.
 
     Returns:
         ``step(meta_params, state, batch) -> (state, metrics)`` where ``batch`` has
@@ -164,12 +262,16 @@ def make_student_step(
     def step(meta_params, state: StudentState, batch: Batch):
         rng, aug_rng, dropout_rng = jax.random.split(state.rng, 3)
         x = batch["x"] if augment_fn is None else augment_fn(aug_rng, batch["x"])
+        seen = {**batch, "x": x}
+        if target is not None:
+            seen["target"] = target(x)
 
         def student_loss(params):
-            logits, model_state = apply_student(
-                model, params, state.model_state, x, train=True, rng=dropout_rng
+            output, model_state = student_output(
+                model, params, state.model_state, x, train=True, rng=dropout_rng,
+                activations=activations,
             )
-            return loss_fn(meta_params, logits, batch["y"], state), (logits, model_state)
+            return loss_fn(meta_params, output, seen, state), (output.logits, model_state)
 
         (loss, (logits, model_state)), grads = jax.value_and_grad(
             student_loss, has_aux=True

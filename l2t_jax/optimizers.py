@@ -103,3 +103,28 @@ def make_inner_optimizer(config, total_steps: int) -> optax.GradientTransformati
     if weight_decay:
         tx = optax.chain(optax.add_decayed_weights(weight_decay), tx)
     return tx
+
+
+TEACHER_OPTIMIZER_NAMES = ("adam", "sgd", "momentum")
+
+
+def make_teacher_optimizer(name: str, learning_rate: float,
+                           clip_norm: float = 0.0) -> optax.GradientTransformation:
+    """Builds a loss teacher's optimizer (it steps on meta-gradients).
+
+    Args:
+        name: one of `TEACHER_OPTIMIZER_NAMES` (``"momentum"``: SGD with momentum 0.9).
+        learning_rate: constant step size.
+        clip_norm: clip each meta-gradient to this global norm first (0: no clipping;
+            hypergradients through long unrolls are noisy).
+
+    Returns:
+        An optax GradientTransformation.
+    """
+    if name == "adam":
+        tx = optax.adam(learning_rate)
+    else:
+        tx = optax.sgd(learning_rate, momentum=0.9 if name == "momentum" else None)
+    if clip_norm:
+        tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
+    return tx

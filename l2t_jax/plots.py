@@ -55,6 +55,13 @@ def plot_training_curves(records: list[dict], path: str, title: str = "") -> Non
     plt.close(fig)
 
 
+def run_title(summary: dict) -> str:
+    """``method | dataset (noise) | student`` from a run's summary; ``""`` without one."""
+    if not summary:
+        return ""
+    return f"{summary['method']} | {summary['dataset']} ({summary['noise']}) | {summary['student']}"
+
+
 def dlf_states_from_metrics(records: list[dict], num_steps: int, num_classes: int,
                             points: int = 4) -> list[tuple[int, np.ndarray]]:
     """Student-state features s_t rebuilt from a teaching run's logged metrics.
@@ -97,11 +104,19 @@ def plot_dlf_loss(teacher, params: dict, states: list[tuple[int, np.ndarray]], p
         ax.set(title=f"W_t - I at step {step}", xlabel="class (loss column)",
                ylabel="log p row")
     fig.colorbar(image, ax=axes[:-1], shrink=0.8)
+    _plot_loss_vs_p_true(axes[-1], teacher, params, states)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _plot_loss_vs_p_true(ax, teacher, params: dict, states: list[tuple[int, np.ndarray]]):
+    """A state-feature teacher's loss of one example as a function of p_y, per state."""
+    c = teacher.num_classes
     p_true = np.linspace(0.01, 0.99, 99)
     probs = np.full((len(p_true), c), 0.0) + ((1 - p_true) / (c - 1))[:, None]
     probs[:, 0] = p_true
     logits = jnp.log(jnp.asarray(probs, jnp.float32))
-    ax = axes[-1]
     for step, s in states:
         per_example = jax.vmap(lambda row, s=s: teacher.loss(
             params, jnp.asarray(s), row[None], jnp.zeros(1, jnp.int32)))(logits)
@@ -109,9 +124,6 @@ def plot_dlf_loss(teacher, params: dict, states: list[tuple[int, np.ndarray]], p
     ax.plot(p_true, -np.log(p_true) * 0.25, "k:", label="CE / 4")
     ax.set(xlabel="p_y (rest spread evenly)", ylabel="loss", title="loss vs p_y")
     ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
 
 
 def plot_dln_loss(dlns: list[tuple[int, dict]], records: list[dict], path: str,

@@ -1,4 +1,4 @@
-"""Thin absl entry points: train, plot, results."""
+"""Thin absl entry points: train, plot, results, methods."""
 
 import logging as std_logging
 import os

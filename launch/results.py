@@ -242,52 +242,72 @@ GROUPS = {
 }
 
 
+# The headline: each method family at its recommended setting, all on one student and
+# schedule (the L2T-DLN group's), so that its columns compare: label -> row of `METHODS`.
+HEADLINE = {"CE": "ce-long", "L2T-DLF": "l2t-dlf-long", "L2T-DLN": "l2t-dln-warm-proper"}
+HEADLINE_TITLE = (
+    "## Headline\n\nEach method family at its recommended setting, on one student and "
+    "schedule (the L2T-DLN group's: SGD 0.1, batch 25; L2T-DLN warm-started, scale "
+    "preserved, proper rule; the L2T-DLF teacher online every 50 steps). L2T-DLF's "
+    "episodic teacher, its strongest setting on digits, has its own group below. The full "
+    "sweep follows.")
+
+
+def _table(title: str, columns: dict[str, str], rows: list[dict], usual: int) -> str | None:
+    """A markdown table of the `rows` of the methods `columns` (header -> method): a line
+    per (dataset, noise), a cell per method; None when none of them has results."""
+    columns = {h: m for h, m in columns.items() if any(r["method"] == m for r in rows)}
+    if not columns:
+        return None
+    group_rows = [r for r in rows if r["method"] in columns.values()]
+    settings = list(dict.fromkeys((r["dataset"], r["noise"], r["student"])
+                                  for r in group_rows))
+    lines = [title, "",
+             "| dataset | noise | student | " + " | ".join(columns) + " |",
+             "|---" * (3 + len(columns)) + "|"]
+    notes = []
+    for dataset, noise, student in settings:
+        cells = []
+        for method in columns.values():
+            match = [r for r in group_rows if (r["dataset"], r["noise"], r["method"]) ==
+                     (dataset, noise, method)]
+            cell = f"{match[0]['mean']:.2f} +- {match[0]['std']:.2f}" if match else ""
+            if match and len(match[0]["seeds"]) != usual:
+                cell += f" [{len(match[0]['seeds'])} seeds]"
+            if match and match[0].get("overrides"):
+                note = ", ".join(f"{k}={v}" for k, v in match[0]["overrides"].items())
+                if note not in notes:
+                    notes.append(note)
+                cell += f" ({notes.index(note) + 1})"
+            cells.append(cell)
+        lines.append(f"| {dataset} | {noise} | {student} | " + " | ".join(cells) + " |")
+    if notes:
+        lines.append("")
+        lines.extend(f"({i}) run with `--set={note}`" for i, note in enumerate(notes, 1))
+    return "\n".join(lines)
+
+
 def write_table(rows: list[dict], path: str) -> str:
-    """Writes (and returns) markdown tables, one per `GROUPS` entry with results: a line
-    per (dataset, noise), a column per method; a cell over fewer or more seeds than most
-    says how many."""
+    """Writes (and returns) markdown tables: the `HEADLINE` table, then one per `GROUPS`
+    entry with results: a line per (dataset, noise), a column per method; a cell over
+    fewer or more seeds than most says how many."""
     counts = [len(r["seeds"]) for r in rows]
     usual = max(set(counts), key=counts.count) if counts else 0
-    sections = []
-    for title, group in GROUPS.items():
-        methods = [m for m in group if any(r["method"] == m for r in rows)]
-        if not methods:
-            continue
-        group_rows = [r for r in rows if r["method"] in methods]
-        settings = list(dict.fromkeys((r["dataset"], r["noise"], r["student"])
-                                      for r in group_rows))
-        lines = [f"### {title}", "",
-                 "| dataset | noise | student | " + " | ".join(methods) + " |",
-                 "|---" * (3 + len(methods)) + "|"]
-        notes = []
-        for dataset, noise, student in settings:
-            cells = []
-            for method in methods:
-                match = [r for r in group_rows if (r["dataset"], r["noise"], r["method"]) ==
-                         (dataset, noise, method)]
-                cell = f"{match[0]['mean']:.2f} +- {match[0]['std']:.2f}" if match else ""
-                if match and len(match[0]["seeds"]) != usual:
-                    cell += f" [{len(match[0]['seeds'])} seeds]"
-                if match and match[0].get("overrides"):
-                    note = ", ".join(f"{k}={v}" for k, v in match[0]["overrides"].items())
-                    if note not in notes:
-                        notes.append(note)
-                    cell += f" ({notes.index(note) + 1})"
-                cells.append(cell)
-            lines.append(f"| {dataset} | {noise} | {student} | " + " | ".join(cells) + " |")
-        if notes:
-            lines.append("")
-            lines.extend(f"({i}) run with `--set={note}`" for i, note in
-                         enumerate(notes, 1))
-        sections.append("\n".join(lines))
+    headline = _table(HEADLINE_TITLE, {f"{label} ({method})": method
+                                       for label, method in HEADLINE.items()}, rows, usual)
+    sections = [_table(f"### {title}", {m: m for m in group}, rows, usual)
+                for title, group in GROUPS.items()]
+    if headline is not None:
+        sections.insert(0, headline + "\n\n## All results")
     header = (f"Test error (%), mean +- std (sample std) over {usual} seeds (other counts "
               "are marked in the cell), each at the step with the lowest dev error (never "
               "selected on test). "
               "Methods are defined in `launch/results.py` (`METHODS`); what the numbers "
               "mean: [l2t_dlf.md](l2t_dlf.md), [l2t_dln.md](l2t_dln.md) (with the cost of "
-              "an L2T-DLN iteration), populations: [population.md](population.md). "
+              "an L2T-DLN iteration), populations: "
+              "[population.md](population.md). "
               "Regenerate with `python -m launch.results --workdir=DIR`.\n\n")
-    text = header + "\n\n".join(sections) + "\n"
+    text = header + "\n\n".join(s for s in sections if s is not None) + "\n"
     with open(path, "w") as f:
         f.write(text)
     return text

@@ -15,8 +15,9 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import launch
-from l2t_jax import parallel, train
+from l2t_jax import train
 from l2t_jax.errors import ConfigError
+from launch import distributed
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py[:arg]).", lock_config=True
@@ -34,7 +35,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:  # before anything touches JAX's devices
-        parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+        distributed.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                         _PROCESS_ID.value)
     except ConfigError as e:
         raise app.UsageError(str(e)) from None

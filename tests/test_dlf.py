@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from configs import l2t_dlf, l2t_dln
-from l2t_jax import engine, methods, metrics, objectives, optimizers, teachers, train
+from l2t_jax import engine, metrics, objectives, optimizers, teachers, train
 from l2t_jax.errors import ConfigError
 from l2t_jax.losses.bilinear import bilinear_sigmoid_loss, identity_bilinear
+from l2t_jax.methods import dlf, teaching
 from l2t_jax.methods.dlf import make_dlf_loss_fn
 from l2t_jax.methods.teaching import TeacherUpdate
 from l2t_jax.students import build_student
@@ -74,7 +75,8 @@ def test_features_and_stats_inside_the_scan():
                                       teachers.initial_stats(C))
     seen = []
 
-    def loss_fn(meta_params, logits, labels, s):
+    def loss_fn(meta_params, output, batch, s):
+        logits, labels = output.logits, batch["y"]
         features = teachers.student_features(s, logits, labels, total_steps=10, num_classes=C)
         seen.append(features)
         return jnp.mean(optax_ce(logits, labels)) + 0 * features.sum()
@@ -180,9 +182,9 @@ def test_state_gate_gets_a_meta_gradient_at_its_initial_values():
 
 def test_a_saved_config_from_before_gate_init_scale_builds_the_init_it_ran_with():
     config = l2t_dlf.get_config("digits,smoke")
-    assert methods.build_teacher(config, C).gate_init_scale == 1.0
+    assert dlf.build_teacher(config, C).gate_init_scale == 1.0
     del config.teacher.gate_init_scale
-    assert methods.build_teacher(config, C).gate_init_scale == 0.0
+    assert dlf.build_teacher(config, C).gate_init_scale == 0.0
 
 
 def test_nonfinite_meta_gradient_is_skipped_never_applied():
@@ -219,7 +221,7 @@ def test_smoke_runs_every_mode_end_to_end(tmp_path, method, overrides):
     records = metrics.read_metrics(str(tmp_path))
     assert records[-1]["step"] == config.train.num_steps
     if method == "l2t-dlf" and config.teacher.num_episodes:
-        episodes = metrics.read_metrics(str(tmp_path / train.TEACHER_DIR))
+        episodes = metrics.read_metrics(str(tmp_path / dlf.TEACHER_DIR))
         assert [r["step"] for r in episodes] == [10, 20, 30]
         assert all(r["meta/nonfinite"] == 0 for r in episodes)
     if config.teacher.teach_online:
@@ -229,21 +231,21 @@ def test_smoke_runs_every_mode_end_to_end(tmp_path, method, overrides):
 def test_teacher_phase_resumes_exactly(tmp_path, monkeypatch):
     config = l2t_dlf.get_config("digits,noisy,smoke")
     reference = train.train_and_evaluate(config, str(tmp_path / "reference"))
-    original = methods.EpisodicTeacherTraining.batches
+    original = dlf.EpisodicTeacherTraining.batches
 
     def crash_in_episode_3(self, splits, seed, start_step):
         if start_step == 20:
             raise RuntimeError("simulated crash")
         return original(self, splits, seed, start_step)
 
-    monkeypatch.setattr(methods.EpisodicTeacherTraining, "batches", crash_in_episode_3)
+    monkeypatch.setattr(dlf.EpisodicTeacherTraining, "batches", crash_in_episode_3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train.train_and_evaluate(config, str(tmp_path / "crashed"))
     monkeypatch.undo()
     resumed = train.train_and_evaluate(config, str(tmp_path / "crashed"))
     assert resumed["test_error"] == reference["test_error"]
-    assert (metrics.read_metrics(str(tmp_path / "crashed" / train.TEACHER_DIR))
-            == metrics.read_metrics(str(tmp_path / "reference" / train.TEACHER_DIR)))
+    assert (metrics.read_metrics(str(tmp_path / "crashed" / dlf.TEACHER_DIR))
+            == metrics.read_metrics(str(tmp_path / "reference" / dlf.TEACHER_DIR)))
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -292,10 +294,12 @@ def test_episodes_and_online_teacher_read_the_meta_dev_split():
     config.data.meta_dev_size = 100
     splits = data.load_splits(config.data)
     assert len(splits.meta_dev.y) == 100 and len(splits.dev.y) == 200
-    episode = methods.build_episodic(config, splits).batches(splits, seed=0, start_step=0)
+    teacher = dlf.build_teacher(config, splits.num_classes)
+    episode = dlf.build_episodic(config, splits, teacher).batches(splits, seed=0, start_step=0)
     np.testing.assert_array_equal(episode["dev"]["x"], splits.meta_dev.x)
     config.teacher.update(num_episodes=0, teach_online=True)
-    online = methods.build_teaching(config, splits).batches(splits, seed=0, start_step=0)
+    online = dlf.build_taught_student(config, splits, teacher, taught=True).batches(
+        splits, seed=0, start_step=0)
     np.testing.assert_array_equal(online["dev"]["y"], splits.meta_dev.y)
     np.testing.assert_array_equal(online["feature_dev"]["x"],
                                   splits.meta_dev.x[:config.teacher.feature_dev_size])
@@ -307,9 +311,13 @@ def test_pretrained_start_follows_the_seed_and_starts_every_method(tmp_path):
     config = l2t_dlf.get_config("digits,smoke")
     config.teacher.update(restart="fixed", pretrain_steps=100)
     splits = data.load_splits(config.data)
-    episodic = methods.build_episodic(config, splits)
+    episodic = dlf.build_episodic(config, splits, dlf.build_teacher(config, splits.num_classes))
     rng = jax.random.PRNGKey(0)
-    starts = [episodic.pretrained_start(rng, splits, seed) for seed in (0, 0, 1)]
+    starts = [teaching.pretrained_start(
+        episodic.model, episodic.tx, rng, splits, seed, steps=config.teacher.pretrain_steps,
+        batch_size=config.train.batch_size, augment=config.data.augment,
+        stats=teachers.initial_stats(splits.num_classes), population=episodic.population)
+        for seed in (0, 0, 1)]
     chex.assert_trees_all_equal(starts[0].params, starts[1].params)
     # The pre-training data order is the run's seed (not always seed 0).
     assert not np.allclose(starts[0].params["Dense_0"]["kernel"],

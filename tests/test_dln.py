@@ -14,7 +14,7 @@ from configs import l2t_dln
 from l2t_jax import data, engine, methods, metrics, train
 from l2t_jax.errors import ConfigError
 from l2t_jax.losses import dln as dln_lib
-from l2t_jax.methods.dln import DLNTeaching
+from l2t_jax.methods.dln import DLN_SNAPSHOTS_FILE, DLNTeaching, save_dln
 from l2t_jax.methods.teaching import TeacherUpdate
 from l2t_jax.students import build_student
 from l2t_jax.teachers.lstm import CoordinateLSTM, preprocess_gradient
@@ -136,9 +136,9 @@ def _problem(dtype=jnp.float32, **overrides):
     state = jax.tree_util.tree_map(
         lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
     # A non-zero memory, so every LSTM weight matters.
-    state["memory"] = jax.tree_util.tree_map(
+    state = state.replace(teacher_memory=jax.tree_util.tree_map(
         lambda a: 0.3 * jnp.sin(jnp.arange(a.size, dtype=dtype).reshape(a.shape)),
-        state["memory"])
+        state.teacher_memory))
     return method, splits, state, method.batches(splits, seed=0, start_step=0)
 
 
@@ -152,7 +152,7 @@ def compiled():
 
 def _python_loop_val_ce(method, state, batches, phi):
     """K SGD steps on the DLN loss written as a Python loop; CE on the val batch."""
-    params = state["student"].params
+    params = state.student.params
     for k in range(method.steps_per_call):
         x, y = batches["train"]["x"][k], batches["train"]["y"][k]
 
@@ -168,7 +168,7 @@ def _python_loop_val_ce(method, state, batches, phi):
 def test_stage_a_hypergradient_matches_central_differences_float64(x64):
     method, _, state, batches = _problem(jnp.float64)
     m = jax.jit(method.meta_gradients)(state, batches)
-    flat, unravel = ravel_pytree(state["dln"])
+    flat, unravel = ravel_pytree(state.loss_params)
     value = jax.jit(lambda f: _python_loop_val_ce(method, state, batches, unravel(f)))
     np.testing.assert_allclose(m.result_a.value, value(flat), rtol=1e-12)
     np.testing.assert_allclose(m.hypergrad, jax.grad(value)(flat), rtol=1e-9, atol=1e-14)
@@ -186,19 +186,19 @@ def test_stage_a_hypergradient_matches_central_differences_float64(x64):
 def test_stage_b_teacher_gradient_matches_a_python_loop_and_differences_float64(x64):
     method, _, state, batches = _problem(jnp.float64)
     m = jax.jit(method.meta_gradients)(state, batches)
-    flat, unravel = ravel_pytree(state["dln"])
+    flat, unravel = ravel_pytree(state.loss_params)
 
     def reference(psi):
-        steps, _ = method.teacher(psi, m.hypergrad, state["memory"])
+        steps, _ = method.teacher(psi, m.hypergrad, state.teacher_memory)
         return _python_loop_val_ce(method, state, batches,
                                    unravel(flat - method.dln_step_size * steps))
 
     reference = jax.jit(reference)
-    np.testing.assert_allclose(m.result_b.value, reference(state["teacher"]), rtol=1e-12)
-    expected = jax.grad(reference)(state["teacher"])
+    np.testing.assert_allclose(m.result_b.value, reference(state.teacher_params), rtol=1e-12)
+    expected = jax.grad(reference)(state.teacher_params)
     got, flat_expected = ravel_pytree(m.result_b.grad)[0], ravel_pytree(expected)[0]
     np.testing.assert_allclose(got, flat_expected, rtol=1e-8, atol=1e-16)
-    psi, unravel_psi = ravel_pytree(state["teacher"])
+    psi, unravel_psi = ravel_pytree(state.teacher_params)
     eps = 1e-5
     for i in np.argsort(-np.abs(np.asarray(got)))[:5]:
         e = jnp.zeros_like(psi).at[i].set(eps)
@@ -212,11 +212,12 @@ def test_outer_step_keeps_unroll_b_student_and_updates_dln_memory_teacher(compil
     method, _, state, batches, meta_gradients, outer_step = compiled
     m = meta_gradients(state, batches)
     new, step_metrics = outer_step(state, batches)
-    chex.assert_trees_all_close(new["student"].params, m.result_b.state.params, rtol=1e-5)
-    chex.assert_trees_all_close(new["dln"], m.new_dln, rtol=1e-6)
-    chex.assert_trees_all_close(new["memory"], m.memory, rtol=1e-5, atol=1e-7)
-    assert int(new["student"].step) == method.steps_per_call
-    assert not np.allclose(ravel_pytree(new["teacher"])[0], ravel_pytree(state["teacher"])[0])
+    chex.assert_trees_all_close(new.student.params, m.result_b.state.params, rtol=1e-5)
+    chex.assert_trees_all_close(new.loss_params, m.new_dln, rtol=1e-6)
+    chex.assert_trees_all_close(new.teacher_memory, m.memory, rtol=1e-5, atol=1e-7)
+    assert int(new.student.step) == method.steps_per_call
+    assert not np.allclose(ravel_pytree(new.teacher_params)[0],
+                           ravel_pytree(state.teacher_params)[0])
     assert step_metrics["meta/nonfinite"] == 0
     assert step_metrics["loss"].shape == (3,)  # one per student step of unroll B
 
@@ -227,20 +228,20 @@ def test_nonfinite_hypergradient_proposes_nothing_and_skips_the_teacher(compiled
     batches["val"]["x"][0, 0] = np.nan
     new, step_metrics = outer_step(state, batches)
     assert float(step_metrics["meta/nonfinite"]) == 1.0
-    chex.assert_trees_all_equal(new["dln"], state["dln"])
-    chex.assert_trees_all_equal(new["teacher"], state["teacher"])
-    chex.assert_trees_all_equal(new["memory"], state["memory"])
-    assert np.isfinite(ravel_pytree(new["student"].params)[0]).all()
+    chex.assert_trees_all_equal(new.loss_params, state.loss_params)
+    chex.assert_trees_all_equal(new.teacher_params, state.teacher_params)
+    chex.assert_trees_all_equal(new.teacher_memory, state.teacher_memory)
+    assert np.isfinite(ravel_pytree(new.student.params)[0]).all()
 
 
 def test_snapshots_hold_the_dln_at_their_steps(compiled):
     method, splits, state, _, _, step = compiled
     assert method.snapshot_steps() == [0, 3, 6, 9]
-    dlns = [ravel_pytree(state["dln"])[0]]
+    dlns = [ravel_pytree(state.loss_params)[0]]
     for s in range(3):
         state, _ = step(state, method.batches(splits, 0, 3 * s))
-        dlns.append(ravel_pytree(state["dln"])[0])
-    np.testing.assert_allclose(state["snapshots"], np.stack(dlns), rtol=1e-6)
+        dlns.append(ravel_pytree(state.loss_params)[0])
+    np.testing.assert_allclose(state.loss_snapshots, np.stack(dlns), rtol=1e-6)
 
 
 def test_preserve_scale_keeps_the_surface_spread():
@@ -251,8 +252,9 @@ def test_preserve_scale_keeps_the_surface_spread():
     def spread(phi):
         return float(jnp.std(dln_lib.pair_surface(phi, axis[:, None], axis[None, :])))
 
-    assert abs(spread(new["dln"]) - spread(state["dln"])) < 1e-4 * spread(state["dln"])
-    assert not np.allclose(ravel_pytree(new["dln"])[0], ravel_pytree(state["dln"])[0])
+    assert (abs(spread(new.loss_params) - spread(state.loss_params))
+            < 1e-4 * spread(state.loss_params))
+    assert not np.allclose(ravel_pytree(new.loss_params)[0], ravel_pytree(state.loss_params)[0])
 
 
 def test_corner_gap_is_zero_when_the_right_answer_is_the_minimum():
@@ -270,26 +272,28 @@ def test_proper_rule_rejects_a_dln_that_rewards_wrong_answers(accept):
     method, _, state, batches = _problem(accept=accept)
     # Start from an improper DLN (its minimum away from (1, 0)); a 1e-3 step cannot make
     # it proper, so "proper" must keep it and the student of unroll A.
-    state["dln"] = {**state["dln"], "layer_2": -state["dln"]["layer_2"]}
-    assert float(dln_lib.probe_dln(state["dln"])["corner_gap"]) > method.proper_tolerance
+    state = state.replace(
+        loss_params={**state.loss_params, "layer_2": -state.loss_params["layer_2"]})
+    assert float(dln_lib.probe_dln(state.loss_params)["corner_gap"]) > method.proper_tolerance
     m = jax.jit(method.meta_gradients)(state, batches)
     new, step_metrics = jax.jit(method.outer_step)(state, batches)
     if accept == "always":
         assert float(step_metrics["dln/accepted"]) == 1.0
-        chex.assert_trees_all_close(new["dln"], m.new_dln, rtol=1e-6)
-        chex.assert_trees_all_close(new["student"].params, m.result_b.state.params, rtol=1e-5)
+        chex.assert_trees_all_close(new.loss_params, m.new_dln, rtol=1e-6)
+        chex.assert_trees_all_close(new.student.params, m.result_b.state.params, rtol=1e-5)
         np.testing.assert_allclose(step_metrics["loss"], m.result_b.metrics["loss"], rtol=1e-5)
     else:
         assert float(step_metrics["dln/accepted"]) == 0.0
-        chex.assert_trees_all_equal(new["dln"], state["dln"])
-        chex.assert_trees_all_close(new["student"].params, m.result_a.state.params, rtol=1e-5)
+        chex.assert_trees_all_equal(new.loss_params, state.loss_params)
+        chex.assert_trees_all_close(new.student.params, m.result_a.state.params, rtol=1e-5)
         # The logged inner metrics are those of the kept student's unroll.
         np.testing.assert_allclose(step_metrics["loss"], m.result_a.metrics["loss"], rtol=1e-5)
-        assert not np.allclose(ravel_pytree(new["student"].params)[0],
+        assert not np.allclose(ravel_pytree(new.student.params)[0],
                                ravel_pytree(m.result_b.state.params)[0])
     # The teacher learns and its memory advances either way.
-    assert not np.allclose(ravel_pytree(new["teacher"])[0], ravel_pytree(state["teacher"])[0])
-    chex.assert_trees_all_close(new["memory"], m.memory, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(ravel_pytree(new.teacher_params)[0],
+                           ravel_pytree(state.teacher_params)[0])
+    chex.assert_trees_all_close(new.teacher_memory, m.memory, rtol=1e-5, atol=1e-7)
 
 
 def test_no_proposal_is_kept_before_keep_after_steps():
@@ -298,20 +302,22 @@ def test_no_proposal_is_kept_before_keep_after_steps():
     m = jax.jit(method.meta_gradients)(state, batches)
     first, first_metrics = step(state, batches)  # the student is at step 0 < 1
     assert float(first_metrics["dln/accepted"]) == 0.0
-    chex.assert_trees_all_equal(first["dln"], state["dln"])
-    chex.assert_trees_all_close(first["student"].params, m.result_a.state.params, rtol=1e-5)
-    assert not np.allclose(ravel_pytree(first["teacher"])[0], ravel_pytree(state["teacher"])[0])
+    chex.assert_trees_all_equal(first.loss_params, state.loss_params)
+    chex.assert_trees_all_close(first.student.params, m.result_a.state.params, rtol=1e-5)
+    assert not np.allclose(ravel_pytree(first.teacher_params)[0],
+                           ravel_pytree(state.teacher_params)[0])
     k = method.steps_per_call
     second, second_metrics = step(first, method.batches(splits, seed=0, start_step=k))
     assert float(second_metrics["dln/accepted"]) == 1.0
-    assert not np.allclose(ravel_pytree(second["dln"])[0], ravel_pytree(first["dln"])[0])
+    assert not np.allclose(ravel_pytree(second.loss_params)[0], ravel_pytree(first.loss_params)[0])
 
 
 def test_descent_rule_keeps_only_a_proposal_that_lowers_the_validation_ce():
     # Two opposite proposals from one proper (warm) DLN: to first order one raises the
     # iteration's validation CE and the other lowers it, so exactly one is kept.
     base, _, state, batches = _problem(accept="proper_descent")
-    state["dln"] = dln_lib.warm_start_dln(state["dln"], jax.random.PRNGKey(4))
+    state = state.replace(
+        loss_params=dln_lib.warm_start_dln(state.loss_params, jax.random.PRNGKey(4)))
     kept = []
     for step_size in (0.05, -0.05):
         method = dataclasses.replace(base, dln_step_size=step_size)
@@ -320,9 +326,9 @@ def test_descent_rule_keeps_only_a_proposal_that_lowers_the_validation_ce():
         new, step_metrics = jax.jit(method.outer_step)(state, batches)
         lowers = float(m.result_b.value) <= float(m.result_a.value)
         assert float(step_metrics["dln/accepted"]) == float(lowers)
-        chex.assert_trees_all_equal(new["dln"], m.new_dln if lowers else state["dln"])
+        chex.assert_trees_all_equal(new.loss_params, m.new_dln if lowers else state.loss_params)
         kept_student = m.result_b.state if lowers else m.result_a.state
-        chex.assert_trees_all_close(new["student"].params, kept_student.params, rtol=1e-5)
+        chex.assert_trees_all_close(new.student.params, kept_student.params, rtol=1e-5)
         kept.append(lowers)
     assert sorted(kept) == [False, True]
 
@@ -405,7 +411,7 @@ def test_dln_run_writes_its_records_and_resumes_exactly(tmp_path, monkeypatch):
     records = metrics.read_metrics(str(tmp_path / "reference"))
     assert [r["step"] for r in records] == list(range(5, 21, 5))
     assert all(r["meta/nonfinite"] == 0 and "teacher/update_norm" in r for r in records)
-    snapshots = np.load(tmp_path / "reference" / train.DLN_SNAPSHOTS_FILE)["snapshots"]
+    snapshots = np.load(tmp_path / "reference" / DLN_SNAPSHOTS_FILE)["snapshots"]
     assert snapshots.shape == (6, 5000)
     assert "dln_final_margin" in reference
 
@@ -451,7 +457,7 @@ def test_dln_method_needs_its_section():
     config = l2t_dln.get_config("digits,smoke")
     del config["dln"]
     with pytest.raises(ConfigError, match="needs a config.dln section"):
-        methods.validate_method_config(config)
+        methods.validate(config)
 
 
 def test_collapse_inversion_and_scale_growth_are_flagged(tmp_path):
@@ -459,17 +465,18 @@ def test_collapse_inversion_and_scale_growth_are_flagged(tmp_path):
     phi = dln_lib.init_dln(jax.random.PRNGKey(0))
     flat = ravel_pytree(phi)[0]
     grown = {**phi, "layer_4": -3.0 * phi["layer_4"]}  # 3x the scale, sign flipped
-    state = {"dln": grown, "snapshots": jnp.stack([flat, ravel_pytree(grown)[0]])}
+    state = method.init(jax.random.PRNGKey(1), _splits(), phi).replace(
+        loss_params=grown, loss_snapshots=jnp.stack([flat, ravel_pytree(grown)[0]]))
     summary = {"final_dev_error": 45.0, "best_dev_error": 12.0}
-    flags = train._save_dln(method, state, str(tmp_path), summary)
+    flags = save_dln(method, state, str(tmp_path), summary)
     np.testing.assert_allclose(flags["dln_scale_growth"], 3.0, rtol=1e-5)
     assert flags["collapsed"]
     margin = float(dln_lib.probe_dln(phi)["margin"])
     assert flags["dln_inverted"] == (margin > 0)  # flipping the sign flips the margin
     gap = float(dln_lib.probe_dln(grown)["corner_gap"])
     assert flags["dln_improper"] == (gap > method.proper_tolerance)
-    healthy = train._save_dln(method, {"dln": phi, "snapshots": state["snapshots"]},
-                              str(tmp_path), {"final_dev_error": 13.0, "best_dev_error": 12.0})
+    healthy = save_dln(method, state.replace(loss_params=phi),
+                       str(tmp_path), {"final_dev_error": 13.0, "best_dev_error": 12.0})
     assert not healthy["collapsed"] and healthy["dln_scale_growth"] == pytest.approx(1.0)
 
 

@@ -19,9 +19,10 @@ T = 20
 BATCH = 8
 
 
-def weighted_tempered_ce(meta_params, logits, labels, state):
+def weighted_tempered_ce(meta_params, output, batch, state):
     """A smooth loss family with teacher parameters: per-class weights and a temperature."""
     del state
+    logits, labels = output.logits, batch["y"]
     weights = jax.nn.softplus(meta_params["class_weight"])[labels]
     scaled = logits * jnp.exp(meta_params["log_temperature"])
     log_p = jax.nn.log_softmax(scaled)

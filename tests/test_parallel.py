@@ -15,11 +15,15 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from l2t_jax import data, engine, parallel
+from benchmarks.population_variance import grad_variance
+from l2t_jax import data, engine
+from l2t_jax import mesh as mesh_lib
+from l2t_jax import population as population_lib
 from l2t_jax.checkpoint import Checkpointer
 from l2t_jax.errors import ConfigError
 from l2t_jax.losses import mean_cross_entropy
 from l2t_jax.students import build_student
+from launch import distributed
 
 NUM_CLASSES = 3
 NUM_FEATURES = 6
@@ -28,9 +32,10 @@ BATCH = 8
 POPULATION = 8
 
 
-def weighted_tempered_ce(meta_params, logits, labels, state):
+def weighted_tempered_ce(meta_params, output, batch, state):
     """A smooth teacher-controlled loss: per-class weights and a temperature."""
     del state
+    logits, labels = output.logits, batch["y"]
     weights = jax.nn.softplus(meta_params["class_weight"])[labels]
     scaled = logits * jnp.exp(meta_params["log_temperature"])
     return jnp.mean(weights * optax.softmax_cross_entropy_with_integer_labels(scaled, labels))
@@ -68,7 +73,7 @@ def make_population(population=POPULATION, dtype="float32", momentum=0.0):
         error = jnp.mean(logits.argmax(-1) != dev_y)
         return mean_cross_entropy(logits, dev_y), {"dev_error": error}
 
-    states = jax.jit(lambda rngs: parallel.init_population(model, tx, rngs, dev_x[:1]))(
+    states = jax.jit(lambda rngs: population_lib.init_population(model, tx, rngs, dev_x[:1]))(
         jax.random.split(jax.random.PRNGKey(1), population)
     )
     meta_params = {
@@ -87,7 +92,7 @@ def test_init_population_stacks_independent_students():
     sample_x = jnp.zeros((1, NUM_FEATURES))
     rngs = jax.random.split(jax.random.PRNGKey(3), 3)
     stats = {"loss": jnp.ones(())}
-    states = jax.jit(lambda r: parallel.init_population(model, tx, r, sample_x, stats))(rngs)
+    states = jax.jit(lambda r: population_lib.init_population(model, tx, r, sample_x, stats))(rngs)
     single = jax.jit(lambda r: engine.init_student_state(model, tx, r, sample_x, stats))
     for i in range(3):
         chex.assert_trees_all_close(member(states, i), single(rngs[i]))
@@ -106,7 +111,7 @@ def test_population_gradient_is_the_mean_of_single_student_gradients(x64, estima
         population, "float64", momentum=0.5
     )
     result = jax.jit(
-        lambda mp, s, b: parallel.PopulationEstimator(estimator)(step_fn, objective, mp, s, b)
+        lambda mp, s, b: population_lib.PopulationEstimator(estimator)(step_fn, objective, mp, s, b)
     )(meta_params, states, batches)
     single = jax.jit(lambda mp, s, b: estimator(step_fn, objective, mp, s, b))
     singles = [
@@ -130,7 +135,7 @@ def test_per_student_shared_batches_and_grad_variance():
     shared = member(batches, 0)
     estimator = engine.FullBackprop()
     per_student = jax.jit(
-        lambda mp, s, b: parallel.PopulationEstimator(estimator, shared_batches=True)
+        lambda mp, s, b: population_lib.PopulationEstimator(estimator, shared_batches=True)
         .per_student(step_fn, objective, mp, s, b)
     )(meta_params, states, shared)
     single = jax.jit(lambda mp, s: estimator(step_fn, objective, mp, s, shared))
@@ -144,9 +149,9 @@ def test_per_student_shared_batches_and_grad_variance():
     flat = np.stack(grads)
     assert not np.allclose(flat[0], flat[1])  # different initialisations, same data
     np.testing.assert_allclose(
-        parallel.grad_variance(per_student.grad), flat.var(axis=0, ddof=1).sum(), rtol=1e-5
+        grad_variance(per_student.grad), flat.var(axis=0, ddof=1).sum(), rtol=1e-5
     )
-    averaged = parallel.average_population(per_student)
+    averaged = population_lib.average_population(per_student)
     np.testing.assert_allclose(averaged.value, per_student.value.mean(), rtol=1e-6)
     assert averaged.metrics["loss"].shape == (2, T)
 
@@ -156,15 +161,16 @@ def sharding_problem():
     """The problem, its 1-device reference result, and mesh shape -> jitted (cached)."""
     problem = make_population()
     _, _, step_fn, objective, meta_params, states, batches = problem
-    estimator = parallel.PopulationEstimator(engine.FullBackprop())
+    estimator = population_lib.PopulationEstimator(engine.FullBackprop())
     single = jax.jit(lambda mp, s, b: estimator(step_fn, objective, mp, s, b))
     # Committed to one device, so the reference runs there without any collective.
     reference = single(*jax.device_put((meta_params, states, batches), jax.devices()[0]))
 
     @functools.cache
     def on_mesh(shape):
-        mesh = parallel.make_mesh({"population": shape[0], "data": shape[1]})
-        return mesh, parallel.jit_population_meta_gradient(estimator, step_fn, objective, mesh)
+        mesh = mesh_lib.make_mesh({"population": shape[0], "data": shape[1]})
+        return mesh, population_lib.jit_population_meta_gradient(
+            estimator, step_fn, objective, mesh)
 
     return problem, reference, on_mesh
 
@@ -174,7 +180,7 @@ def test_sharded_meta_gradient_equals_single_device(sharding_problem, shape):
     (_, _, _, _, meta_params, states, batches), reference, on_mesh = sharding_problem
     assert len(reference.grad["class_weight"].sharding.device_set) == 1
     mesh, meta_gradient = on_mesh(shape)
-    batches = jax.device_put(batches, parallel.batch_sharding(mesh))
+    batches = jax.device_put(batches, mesh_lib.batch_sharding(mesh))
     # Each device holds POPULATION / shape[0] students' batches, BATCH / shape[1] examples.
     assert batches["x"].addressable_shards[0].data.shape == (
         POPULATION // shape[0], T, BATCH // shape[1], NUM_FEATURES)
@@ -198,15 +204,15 @@ def test_sharded_meta_gradient_equals_single_device(sharding_problem, shape):
 
 def test_population_that_does_not_split_over_the_mesh_is_a_config_error():
     _, _, step_fn, objective, meta_params, states, batches = make_population(2)
-    mesh = parallel.make_mesh({"population": 4, "data": 2})
-    fn = parallel.jit_population_meta_gradient(
-        parallel.PopulationEstimator(engine.FullBackprop()), step_fn, objective, mesh
+    mesh = mesh_lib.make_mesh({"population": 4, "data": 2})
+    fn = population_lib.jit_population_meta_gradient(
+        population_lib.PopulationEstimator(engine.FullBackprop()), step_fn, objective, mesh
     )
     with pytest.raises(ConfigError, match="population_size 2 .* multiple of 4"):
         fn(meta_params, states, batches)
     with pytest.raises(ConfigError, match="batch_size 8 .* multiple of 3"):
-        parallel.check_population_shapes(
-            parallel.make_mesh({"data": 3}, jax.devices()[:3]), 3, 8
+        mesh_lib.check_population_shapes(
+            mesh_lib.make_mesh({"data": 3}, jax.devices()[:3]), 3, 8
         )
 
 
@@ -214,8 +220,8 @@ def test_checkpoint_written_on_8_devices_restores_on_1(tmp_path, sharding_proble
     (_, _, _, _, meta_params, states, batches), reference, on_mesh = sharding_problem
     mesh, meta_gradient = on_mesh((2, 4))
     sharded = {
-        "students": jax.device_put(reference.state, parallel.population_sharding(mesh)),
-        "teacher": jax.device_put(meta_params, parallel.replicated(mesh)),
+        "students": jax.device_put(reference.state, mesh_lib.population_sharding(mesh)),
+        "teacher": jax.device_put(meta_params, mesh_lib.replicated(mesh)),
     }
     assert len(sharded["students"].params["Dense_0"]["kernel"].sharding.device_set) == 8
     writer = Checkpointer(str(tmp_path))
@@ -241,12 +247,12 @@ def test_checkpoint_written_on_8_devices_restores_on_1(tmp_path, sharding_proble
 
 
 def test_mesh_specs_factor_the_device_count():
-    assert parallel.mesh_shape({"population": 2, "data": 4}, 8) == (2, 4)
-    assert parallel.mesh_shape({"population": -1, "data": 2}, 8) == (4, 2)
-    assert parallel.mesh_shape({"data": -1}, 8) == (1, 8)
-    assert parallel.mesh_shape(None, 8) == (8, 1)
-    assert parallel.mesh_shape(ml_collections.ConfigDict({"population": 1}), 1) == (1, 1)
-    mesh = parallel.make_mesh({"population": 4, "data": -1})
+    assert mesh_lib.mesh_shape({"population": 2, "data": 4}, 8) == (2, 4)
+    assert mesh_lib.mesh_shape({"population": -1, "data": 2}, 8) == (4, 2)
+    assert mesh_lib.mesh_shape({"data": -1}, 8) == (1, 8)
+    assert mesh_lib.mesh_shape(None, 8) == (8, 1)
+    assert mesh_lib.mesh_shape(ml_collections.ConfigDict({"population": 1}), 1) == (1, 1)
+    mesh = mesh_lib.make_mesh({"population": 4, "data": -1})
     assert dict(mesh.shape) == {"population": 4, "data": 2}
     assert mesh.devices.size == 8
 
@@ -265,7 +271,7 @@ def test_mesh_specs_factor_the_device_count():
 )
 def test_bad_mesh_specs_are_config_errors(spec, message):
     with pytest.raises(ConfigError, match=message):
-        parallel.make_mesh(spec)
+        mesh_lib.make_mesh(spec)
 
 
 def test_population_batches_stack_each_seeds_data_order():
@@ -274,7 +280,7 @@ def test_population_batches_stack_each_seeds_data_order():
         x=rng.normal(size=(20, 3)).astype(np.float32), y=np.arange(20, dtype=np.int32) % 4,
         y_clean=np.arange(20, dtype=np.int32) % 4,
     )
-    batches = parallel.population_batches(
+    batches = population_lib.population_batches(
         split, [5, 6, 7], start_step=2, num_steps=3, batch_size=4
     )
     assert batches["x"].shape == (3, 3, 4, 3)
@@ -288,50 +294,50 @@ def test_population_batches_stack_each_seeds_data_order():
 def test_initialize_distributed_is_a_no_op_unless_asked(monkeypatch):
     calls = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
-    assert parallel.initialize_distributed() is False
+    assert distributed.initialize_distributed() is False
     assert calls == []
-    assert parallel.initialize_distributed("10.0.0.1:1234", 4, 2) is True
+    assert distributed.initialize_distributed("10.0.0.1:1234", 4, 2) is True
     assert calls[-1] == (("10.0.0.1:1234", 4, 2), {})
-    assert parallel.initialize_distributed("auto") is True
+    assert distributed.initialize_distributed("auto") is True
     assert calls[-1] == ((), {"num_processes": None, "process_id": None})
     with pytest.raises(ConfigError, match="need --coordinator_address"):
-        parallel.initialize_distributed(num_processes=2, process_id=0)
+        distributed.initialize_distributed(num_processes=2, process_id=0)
     with pytest.raises(ConfigError, match=r"--process_id must be in \[0, --num_processes=2\)"):
-        parallel.initialize_distributed("h:1", 2, 2)
+        distributed.initialize_distributed("h:1", 2, 2)
     with pytest.raises(ConfigError, match="--num_processes must be >= 1"):
-        parallel.initialize_distributed("h:1", 0, 0)
+        distributed.initialize_distributed("h:1", 0, 0)
     assert len(calls) == 2
 
 
 def test_host_slices_single_process_and_a_subset_of_devices():
-    mesh = parallel.make_mesh({"population": 2, "data": 4})
+    mesh = mesh_lib.make_mesh({"population": 2, "data": 4})
     # One process holds everything.
-    assert parallel.host_population_slice(mesh, 8) == slice(0, 8)
-    assert parallel.host_batch_slice(mesh, 16) == slice(0, 16)
-    sharding = parallel.batch_sharding(mesh)
-    assert parallel.host_slices(sharding, (8, T, 16, 3)) == (
+    assert mesh_lib.host_population_slice(mesh, 8) == slice(0, 8)
+    assert mesh_lib.host_batch_slice(mesh, 16) == slice(0, 16)
+    sharding = mesh_lib.batch_sharding(mesh)
+    assert mesh_lib.host_slices(sharding, (8, T, 16, 3)) == (
         slice(0, 8), slice(0, T), slice(0, 16), slice(0, 3))
     # A "host" owning the first mesh row holds the first half of the population and,
     # since the data axis lies within the row, every example.
     first_row = list(mesh.devices[0])
-    assert parallel.host_slices(sharding, (8, T, 16, 3), first_row) == (
+    assert mesh_lib.host_slices(sharding, (8, T, 16, 3), first_row) == (
         slice(0, 4), slice(0, T), slice(0, 16), slice(0, 3))
     # A "host" owning the first mesh column: all members, a quarter of each batch.
     first_column = list(mesh.devices[:, 0])
-    assert parallel.host_slices(sharding, (8, T, 16, 3), first_column)[::2] == (
+    assert mesh_lib.host_slices(sharding, (8, T, 16, 3), first_column)[::2] == (
         slice(0, 8), slice(0, 4))
     with pytest.raises(ValueError, match="not a box"):
-        parallel.host_slices(sharding, (8, T, 16, 3), [mesh.devices[0, 0], mesh.devices[1, 1]])
+        mesh_lib.host_slices(sharding, (8, T, 16, 3), [mesh.devices[0, 0], mesh.devices[1, 1]])
 
 
 def test_global_batches_on_one_host_place_the_whole_input():
-    mesh = parallel.make_mesh({"population": 4, "data": 2})
+    mesh = mesh_lib.make_mesh({"population": 4, "data": 2})
     _, _, _, _, _, _, batches = make_population()
     local = jax.device_get(batches)
-    placed = parallel.global_batches(mesh, local, population_size=POPULATION, batch_size=BATCH)
+    placed = mesh_lib.global_batches(mesh, local, population_size=POPULATION, batch_size=BATCH)
     assert placed["x"].sharding == NamedSharding(mesh, P("population", None, "data"))
     np.testing.assert_array_equal(np.asarray(placed["x"]), local["x"])
-    shared = parallel.global_batches(
+    shared = mesh_lib.global_batches(
         mesh, member(local, 0), population_size=None, batch_size=BATCH
     )
     assert shared["y"].sharding.spec == P(None, "data")

@@ -16,11 +16,14 @@ from jax.flatten_util import ravel_pytree
 from jax.sharding import PartitionSpec as P
 
 from configs import l2t_dlf, l2t_dln
-from l2t_jax import data, engine, methods, metrics, parallel, teachers, train
+from l2t_jax import data, engine, metrics, teachers, train
+from l2t_jax import mesh as mesh_lib
+from l2t_jax import population as population_lib
 from l2t_jax.errors import ConfigError
 from l2t_jax.losses import dln as dln_lib
+from l2t_jax.methods import dlf
 from l2t_jax.methods.dlf import EpisodicTeacherTraining
-from l2t_jax.methods.dln import DLNTeaching
+from l2t_jax.methods.dln import DLNTeaching, dln_student_loss
 from l2t_jax.methods.teaching import TeacherUpdate
 from l2t_jax.students import build_student
 from l2t_jax.teachers.lstm import CoordinateLSTM
@@ -55,7 +58,7 @@ def tiny_mlp(dtype):
         dict(name="mlp", hidden=(6,), activation="tanh", dtype=jnp.dtype(dtype).name)), C)
 
 
-def tiny_dlf(dtype, population=parallel.SINGLE_STUDENT):
+def tiny_dlf(dtype, population=population_lib.SINGLE_STUDENT):
     """An episodic DLF method on toy data; the teacher's optimizer is SGD 1 (new = old - g)."""
     model = tiny_mlp(dtype)
     return EpisodicTeacherTraining(
@@ -67,7 +70,7 @@ def tiny_dlf(dtype, population=parallel.SINGLE_STUDENT):
         restart="fixed", feature_dev_size=8, population=population)
 
 
-def tiny_dln(dtype, population=parallel.SINGLE_STUDENT):
+def tiny_dln(dtype, population=population_lib.SINGLE_STUDENT):
     """An L2T-DLN method on toy data; the teacher's optimizer is SGD 1."""
     return DLNTeaching(
         model=tiny_mlp(dtype), tx=optax.sgd(0.1), teacher=CoordinateLSTM(hidden=8),
@@ -80,9 +83,9 @@ def dln_state(method, splits, dtype):
     phi = dln_lib.init_dln(jax.random.PRNGKey(2), hidden=5, depth=2)
     state = as_dtype(method.init(jax.random.PRNGKey(3), splits, phi), dtype)
     # A non-zero memory, so every LSTM weight matters.
-    state["memory"] = jax.tree_util.tree_map(
+    state = state.replace(teacher_memory=jax.tree_util.tree_map(
         lambda a: 0.3 * jnp.sin(jnp.arange(a.size, dtype=dtype).reshape(a.shape)),
-        state["memory"])
+        state.teacher_memory))
     return state
 
 
@@ -100,7 +103,7 @@ def test_population_size_one_is_the_single_student_path():
     new, step_metrics = jax.jit(method.outer_step)(state, batches)
     # What one episode did before populations existed: the estimator on the one
     # start, then the guarded step.
-    loss_fn = methods.make_dlf_loss_fn(method.teacher, method.steps_per_call)
+    loss_fn = dlf.make_dlf_loss_fn(method.teacher, method.steps_per_call)
     step_fn = engine.make_student_step(
         method.model, loss_fn, method.tx,
         stats_fn=method.stats_builder(batches["feature_dev"]["x"], batches["feature_dev"]["y"]))
@@ -109,19 +112,19 @@ def test_population_size_one_is_the_single_student_path():
     def reference(state):
         result = method.update.estimator(
             step_fn, method.update.dev_objective_fn(method.model, batches["dev"]),
-            state["teacher"], state["start"], batches["train"])
-        return method.update.apply(state["teacher"], state["teacher_opt"], result)
+            state.teacher_params, state.start, batches["train"])
+        return method.update.apply(state.teacher_params, state.teacher_opt_state, result)
 
     teacher, _, meta = reference(state)
     # Not bit-equal: XLA may fuse the two programs' float32 sums differently.
-    chex.assert_trees_all_close(new["teacher"], teacher, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(new.teacher_params, teacher, rtol=1e-6, atol=1e-7)
     assert float(step_metrics["meta/dev_error"]) == float(meta["meta/dev_error"])
 
 
 def test_dlf_population_gradient_is_the_mean_of_its_students(x64):
     splits = toy_splits(np.float64)
-    method = tiny_dlf(jnp.float64, parallel.Population(POPULATION))
-    single = dataclasses.replace(method, population=parallel.SINGLE_STUDENT)
+    method = tiny_dlf(jnp.float64, population_lib.Population(POPULATION))
+    single = dataclasses.replace(method, population=population_lib.SINGLE_STUDENT)
     state = as_dtype(method.init(jax.random.PRNGKey(0), splits), jnp.float64)
     batches = method.batches(splits, seed=0, start_step=0)
     assert batches["train"]["x"].shape == (POPULATION, 4, 5, FEATURES)
@@ -135,11 +138,11 @@ def test_dlf_population_gradient_is_the_mean_of_its_students(x64):
     grads, dev_errors = [], []
     for i in range(POPULATION):
         one, one_metrics = single_step(
-            {**state, "start": member(state["start"], i)},
+            state.replace(start=member(state.start, i)),
             {**batches, "train": member(batches["train"], i)})
-        grads.append(teacher_gradient(state["teacher"], one["teacher"]))
+        grads.append(teacher_gradient(state.teacher_params, one.teacher_params))
         dev_errors.append(float(one_metrics["meta/dev_error"]))
-    np.testing.assert_allclose(teacher_gradient(state["teacher"], new["teacher"]),
+    np.testing.assert_allclose(teacher_gradient(state.teacher_params, new.teacher_params),
                                np.mean(grads, axis=0), rtol=1e-9, atol=1e-13)
     np.testing.assert_allclose(step_metrics["meta/dev_error"], np.mean(dev_errors), rtol=1e-6)
     assert not np.allclose(grads[0], grads[1], rtol=1e-3)  # the members really differ
@@ -147,13 +150,13 @@ def test_dlf_population_gradient_is_the_mean_of_its_students(x64):
 
 def test_dln_population_gradients_are_the_means_of_its_students(x64):
     splits = toy_splits(np.float64)
-    method = tiny_dln(jnp.float64, parallel.Population(POPULATION))
-    single = dataclasses.replace(method, population=parallel.SINGLE_STUDENT)
+    method = tiny_dln(jnp.float64, population_lib.Population(POPULATION))
+    single = dataclasses.replace(method, population=population_lib.SINGLE_STUDENT)
     state = dln_state(method, splits, jnp.float64)
     batches = method.batches(splits, seed=0, start_step=0)
     m = jax.jit(method.meta_gradients)(state, batches)
     single_gradients = jax.jit(single.meta_gradients)
-    members = [({**state, "student": member(state["student"], i)},
+    members = [(state.replace(student=member(state.student, i)),
                 {**batches, "train": member(batches["train"], i)}) for i in range(POPULATION)]
     singles = [single_gradients(*args) for args in members]
     # Stage A: the hypergradient and its objective are the members' means.
@@ -165,54 +168,56 @@ def test_dln_population_gradients_are_the_means_of_its_students(x64):
 
     # Stage B: at the shared proposal phi'(psi) (from the averaged hypergradient), the
     # teacher's gradient is the mean of every member's own, and each member trains on.
-    flat_phi, unravel = ravel_pytree(state["dln"])
-    step_fn = engine.make_student_step(method.model, dln_lib.dln_loss, method.tx)
+    flat_phi, unravel = ravel_pytree(state.loss_params)
+    step_fn = engine.make_student_step(method.model, dln_student_loss, method.tx)
     objective = method.update.dev_objective_fn(method.model, batches["val"])
 
     def member_value(psi, student, train_batches):
-        steps, _ = method.teacher(psi, m.hypergrad, state["memory"])
+        steps, _ = method.teacher(psi, m.hypergrad, state.teacher_memory)
         proposal = unravel(flat_phi - method.dln_step_size * steps)
         final, _ = engine.unroll(step_fn, proposal, student, train_batches)
         return objective(None, final)[0], final
 
     member_grad = jax.jit(jax.grad(member_value, has_aux=True))
-    references = [member_grad(state["teacher"], s["student"], b["train"]) for s, b in members]
+    references = [member_grad(state.teacher_params, s.student, b["train"]) for s, b in members]
     np.testing.assert_allclose(ravel_pytree(m.result_b.grad)[0],
                                np.mean([ravel_pytree(g)[0] for g, _ in references], axis=0),
                                rtol=1e-8, atol=1e-16)
     new, _ = jax.jit(method.outer_step)(state, batches)
     for i, (_, final) in enumerate(references):
-        chex.assert_trees_all_close(member(new["student"].params, i), final.params,
+        chex.assert_trees_all_close(member(new.student.params, i), final.params,
                                     rtol=1e-10)
     # The reported student is member 0.
-    chex.assert_trees_all_equal(method.student(new), member(new["student"], 0))
+    chex.assert_trees_all_equal(method.student(new), member(new.student, 0))
 
 
 @pytest.mark.parametrize("tiny", [tiny_dlf, tiny_dln], ids=["l2t-dlf", "l2t-dln"])
 def test_same_teacher_update_on_one_device_and_on_a_2x4_mesh(tiny):
     splits = toy_splits(np.float32)
-    meshes = [parallel.make_mesh({"population": 1, "data": 1}, jax.devices()[:1]),
-              parallel.make_mesh({"population": 2, "data": 4})]
+    meshes = [mesh_lib.make_mesh({"population": 1, "data": 1}, jax.devices()[:1]),
+              mesh_lib.make_mesh({"population": 2, "data": 4})]
     results = []
     for mesh in meshes:
         # B = 8 examples per step split over the data axis, P = 2 over the population.
-        method = dataclasses.replace(tiny(jnp.float32, parallel.Population(2, mesh)),
+        method = dataclasses.replace(tiny(jnp.float32, population_lib.Population(2, mesh)),
                                      batch_size=8)
         if tiny is tiny_dlf:
             state = method.init(jax.random.PRNGKey(0), splits)
         else:
             state = dln_state(method, splits, jnp.float32)
-            state = {**state, **method.population.place({}, {"memory": state["memory"]})[1]}
+            state = state.replace(**method.population.place(
+                {}, {"teacher_memory": state.teacher_memory})[1])
         results.append((state, *jax.jit(method.outer_step)(state, method.batches(splits, 0, 0))))
     (start, ref_state, ref_metrics), (_, new_state, new_metrics) = results
     students = "start" if tiny is tiny_dlf else "student"
-    chex.assert_trees_all_close(new_state["teacher"], ref_state["teacher"], rtol=1e-5,
+    chex.assert_trees_all_close(new_state.teacher_params, ref_state.teacher_params, rtol=1e-5,
                                 atol=1e-7)
     chex.assert_trees_all_close(new_metrics, ref_metrics, rtol=1e-5, atol=1e-6)
-    chex.assert_trees_all_close(new_state[students], ref_state[students], rtol=1e-5, atol=1e-6)
-    assert not np.allclose(ravel_pytree(ref_state["teacher"])[0],
-                           ravel_pytree(start["teacher"])[0])  # the teacher moved
-    kernel = new_state[students].params["Dense_0"]["kernel"]
+    chex.assert_trees_all_close(getattr(new_state, students), getattr(ref_state, students),
+                                rtol=1e-5, atol=1e-6)
+    assert not np.allclose(ravel_pytree(ref_state.teacher_params)[0],
+                           ravel_pytree(start.teacher_params)[0])  # the teacher moved
+    kernel = getattr(new_state, students).params["Dense_0"]["kernel"]
     assert kernel.sharding.spec == P("population") and len(kernel.sharding.device_set) == 8
 
 
@@ -229,7 +234,7 @@ def test_smoke_config_with_a_population_of_two_on_the_mesh_runs_end_to_end(tmp_p
     summary = train.train_and_evaluate(config, str(tmp_path))
     assert 0 <= summary["test_error"] <= 100
     records = metrics.read_metrics(
-        str(tmp_path / train.TEACHER_DIR) if module is l2t_dlf else str(tmp_path))
+        str(tmp_path / dlf.TEACHER_DIR) if module is l2t_dlf else str(tmp_path))
     assert records[-1]["step"] == (20 if module is l2t_dlf else 10)
     assert all(r["meta/nonfinite"] == 0 and r["meta/grad_norm"] > 0 for r in records)
     # Resuming from the checkpoints written on the mesh continues the run (the L2T-DLF

@@ -20,17 +20,17 @@ def mean_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
 
-def cross_entropy_loss(meta_params, logits, labels, state) -> jax.Array:
-    """`mean_cross_entropy` in the engine's loss signature; ignores `meta_params`.
+def cross_entropy_loss(meta_params, output, batch, state) -> jax.Array:
+    """`mean_cross_entropy` as the engine's loss (`engine.LossFn`); reads nothing else.
 
     Args:
         meta_params: unused (plain CE has nothing for a teacher to set).
-        logits: (B, C).
-        labels: (B,).
+        output: the student's `engine.ModelOutput`.
+        batch: the batch (its labels ``"y"``).
         state: unused student state.
 
     Returns:
         Scalar mean cross-entropy.
     """
     del meta_params, state
-    return mean_cross_entropy(logits, labels)
+    return mean_cross_entropy(output.logits, batch["y"])

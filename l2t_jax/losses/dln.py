@@ -75,19 +75,17 @@ def apply_dln(phi: dict, features: jax.Array) -> jax.Array:
     return x[..., 0]
 
 
-def dln_loss(phi: dict, logits: jax.Array, labels: jax.Array, state=None) -> jax.Array:
-    """The DLN loss of a batch (engine `LossFn` signature; the student state is unused).
+def dln_loss(phi: dict, logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """The DLN loss of a batch (a family for `losses.logits_loss`).
 
     Args:
         phi: DLN parameters (`init_dln`).
         logits: (B, C).
         labels: (B,).
-        state: ignored.
 
     Returns:
         Scalar: the mean network output over all B x C 1-vs-1 rows.
     """
-    del state
     return jnp.mean(apply_dln(phi, pair_features(logits, labels)))
 
 

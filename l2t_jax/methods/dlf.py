@@ -1,63 +1,99 @@
-"""L2T-DLF: the bilinear loss family set by a teacher from the student's state.
+"""L2T-DLF: a loss teacher sets the student's loss from the student's state (NeurIPS 2018).
 
-Two ways to train the teacher, combinable:
+The teacher maps student-state features s_t (`teachers.student_features`) to the
+parameters of a loss family: the bilinear sigmoid loss here (`teachers.DLFTeacher`);
+any teacher with the same ``init`` / ``loss`` / ``num_classes`` interface is trained
+the same way (``l2t-gce`` in `methods.robust` is one). Two ways to train it, combinable:
 
-* episodes (`EpisodicTeacherTraining`): restart a student from the same start (or a
-  fresh init each episode), train it T steps under the current teacher, take the exact
-  meta-gradient of the dev objective through all T steps, update the teacher; repeat.
+* episodes (`EpisodicTeacherTraining`, phase ``teacher``): restart a student from the
+  same start (or a fresh init each episode), train it T steps under the current
+  teacher, take the exact meta-gradient of the dev objective through all T steps,
+  update the teacher; repeat.
 * online (`teaching.Teaching` with a `TeacherUpdate`): one student trains to the end
   while the teacher is updated every K steps from the meta-gradient through those K
   steps (truncated backprop).
 
+Then a fresh student is trained under the taught teacher and reported.
+
 With a population (``config.teacher.population_size`` = P > 1) every episode trains P
 students under the same teacher (each its own start and data order) and the teacher
-follows their averaged meta-gradient; the online mode and the taught student of the
-teaching phase stay single students.
+follows their averaged meta-gradient; the online mode and the taught student stay
+single students.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
+import ml_collections
 import optax
 
-from l2t_jax import data, engine, parallel, teachers
-from l2t_jax.losses import cross_entropy_loss
+from l2t_jax import data, engine, optimizers, plots, students, teachers
+from l2t_jax.checkpoint import load_params, save_params
+from l2t_jax.errors import ConfigError
+from l2t_jax.methods import base, teaching
 from l2t_jax.methods.teaching import StatsBuilder, TeacherUpdate, Teaching
+from l2t_jax.population import SINGLE_STUDENT, Population
+
+RESTARTS = ("fixed", "fresh")
+TEACHER_PARAMS_FILE = "teacher_params.npz"
+TEACHER_DIR = "teacher"
 
 
-def make_dlf_loss_fn(teacher: teachers.DLFTeacher, total_steps: int,
+def make_dlf_loss_fn(teacher: Any, total_steps: int,
                      features_grad: bool = False) -> engine.LossFn:
-    """The student's loss under a DLF teacher, reading s_t from the state and batch.
+    """The student's loss under a state-feature teacher, reading s_t from the state and batch.
 
     Args:
-        teacher: the teacher's structure.
+        teacher: the teacher's structure (``teacher.loss(params, s_t, logits, labels)``).
         total_steps: the training length the iteration-fraction feature refers to.
         features_grad: let gradients flow through s_t (the demo stops them).
 
     Returns:
-        ``loss_fn(teacher_params, logits, labels, state)``.
+        ``loss_fn(teacher_params, output, batch, state)``.
     """
 
-    def loss_fn(teacher_params, logits, labels, state):
+    def loss_fn(teacher_params, output, batch, state):
         features = teachers.student_features(
-            state, logits, labels, total_steps, teacher.num_classes
+            state, output.logits, batch["y"], total_steps, teacher.num_classes
         )
         if not features_grad:
             features = jax.lax.stop_gradient(features)
-        return teacher.loss(teacher_params, features, logits, labels)
+        return teacher.loss(teacher_params, features, output.logits, batch["y"])
 
     return loss_fn
+
+
+@flax.struct.dataclass
+class EpisodeState:
+    """The state of the episodic teacher training.
+
+    Attributes:
+        start: the students every ``"fixed"`` episode starts from (stacked (P, ...) with
+            a population).
+        teacher_params: the loss teacher's parameters.
+        teacher_opt_state: their optimizer state.
+        episode: int32, episodes done.
+        rng: PRNG key of the ``"fresh"`` restarts.
+    """
+
+    start: engine.StudentState
+    teacher_params: Any
+    teacher_opt_state: Any
+    episode: jax.Array
+    rng: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
 class EpisodicTeacherTraining:
     """Teacher training by episodes; one outer step is one episode of T student steps.
 
-    State: ``{"teacher", "teacher_opt", "start": StudentState, "episode", "rng"}``;
-    with a stacked `population` the start holds P students (every leaf (P, ...)), one
+    With a stacked `population` the start holds P students (every leaf (P, ...)), one
     episode trains all P from their own starts (``"fixed"``) or fresh inits on their own
     data orders, and the teacher step uses the meta-gradient averaged over them.
 
@@ -71,7 +107,6 @@ class EpisodicTeacherTraining:
         stats_builder: builds the feature stats update from dev arrays.
         restart: ``"fixed"`` (every episode from the same start) or ``"fresh"`` (a new
             random init each episode).
-        pretrain_steps: CE steps that train the fixed start (`pretrained_start`).
         features_grad: see `make_dlf_loss_fn`.
         augment: augmentation kind.
         feature_dev_size: dev examples the dev-error feature reads.
@@ -80,65 +115,41 @@ class EpisodicTeacherTraining:
 
     model: nn.Module
     tx: optax.GradientTransformation
-    teacher: teachers.DLFTeacher
+    teacher: Any
     update: TeacherUpdate
     steps_per_call: int
     batch_size: int
     stats_builder: StatsBuilder
     restart: str = "fixed"
-    pretrain_steps: int = 0
     features_grad: bool = False
     augment: str = "none"
     feature_dev_size: int = 512
-    population: parallel.Population = parallel.SINGLE_STUDENT
+    population: Population = SINGLE_STUDENT
 
-    def _teaching(self, loss_fn, steps_per_call) -> Teaching:
+    def _teaching(self, loss_fn) -> Teaching:
         """The same student step and batches as the teaching phase (one place)."""
-        return Teaching(self.model, self.tx, loss_fn, self.augment, steps_per_call,
+        return Teaching(self.model, self.tx, loss_fn, self.augment, self.steps_per_call,
                         self.batch_size, self.stats_builder,
                         teachers.initial_stats(self.teacher.num_classes),
                         feature_dev_size=self.feature_dev_size)
 
-    def pretrained_start(self, rng: jax.Array, splits: data.Splits,
-                         seed: int) -> engine.StudentState:
-        """A fresh student from `rng` (one per population member), CE-trained for
-        `pretrain_steps` steps on the `seed` data order, its step, optimizer state and
-        stats reset: the episodes' fixed start (and, for every method of a run, the start
-        of the taught student). Member 0 is the single student of the same rng and seed.
-        """
-        start = self._student_init(rng, splits.train.x[:1])
-        if not self.pretrain_steps:
-            return start
-        pretrain = self._teaching(cross_entropy_loss, self.pretrain_steps)
-        batches = pretrain.batches(splits, seed=seed, start_step=0, population=self.population)
-        step_fn = pretrain.step_fn(batches)
-
-        def pretrained(student, train):
-            student = engine.unroll(step_fn, None, student, train)[0]
-            return student.replace(
-                step=jax.numpy.zeros_like(student.step),
-                opt_state=self.tx.init(student.params),
-                stats=teachers.initial_stats(self.teacher.num_classes))
-
-        return jax.jit(self.population.vmap(pretrained))(start, batches["train"])
-
     def init(self, rng: jax.Array, splits: data.Splits,
-             start: engine.StudentState | None = None) -> dict:
+             start: engine.StudentState | None = None) -> EpisodeState:
         """The untaught teacher and the episodes' start(s).
 
         Args:
             rng: PRNG key of the teacher (and of the default start).
             splits: the data.
-            start: the fixed start (`pretrained_start`); default: a fresh student.
+            start: the fixed start (`teaching.pretrained_start`); default: a fresh student.
         """
         teacher_rng, student_rng, rng = jax.random.split(rng, 3)
         params = self.teacher.init(teacher_rng)
         if start is None:
             start = self._student_init(student_rng, splits.train.x[:1])
         start, shared = self.population.place(start, {
-            "teacher": params, "teacher_opt": self.update.tx.init(params),
+            "teacher_params": params, "teacher_opt_state": self.update.tx.init(params),
             "episode": jax.numpy.zeros((), jax.numpy.int32), "rng": rng})
-        return {"start": start, **shared}
+        return EpisodeState(start=start, **shared)
 
     def _student_init(self, rng: jax.Array, sample_x) -> engine.StudentState:
         return self.population.init_students(
@@ -150,32 +161,256 @@ class EpisodicTeacherTraining:
 
         Stacked per member, (P, T, B, ...), with a population.
         """
-        batches = self._teaching(None, self.steps_per_call).batches(
-            splits, seed, start_step, population=self.population)
+        batches = self._teaching(None).batches(splits, seed, start_step,
+                                               population=self.population)
         batches["dev"] = {"x": splits.meta_dev.x, "y": splits.meta_dev.y}
         batches["sample_x"] = splits.train.x[:1]
         return batches
 
-    def outer_step(self, state: dict, batches: dict):
+    def outer_step(self, state: EpisodeState, batches: dict):
         """One episode: unroll T steps, exact meta-gradient, guarded teacher update.
 
         With a population: P unrolls in one vmapped program, the meta-gradient and
         objective averaged over them; the inner metrics are (P, T).
         """
         loss_fn = make_dlf_loss_fn(self.teacher, self.steps_per_call, self.features_grad)
-        step_fn = self._teaching(loss_fn, self.steps_per_call).step_fn(batches)
-        start = state["start"]
+        step_fn = self._teaching(loss_fn).step_fn(batches)
+        start = state.start
         if self.restart == "fresh":
             start = self._student_init(
-                jax.random.fold_in(state["rng"], state["episode"]), batches["sample_x"]
+                jax.random.fold_in(state.rng, state.episode), batches["sample_x"]
             )
         result = self.population.estimator(self.update.estimator)(
             step_fn, self.update.dev_objective_fn(self.model, batches["dev"]),
-            state["teacher"], start, batches["train"],
+            state.teacher_params, start, batches["train"],
         )
-        teacher, opt_state, metrics = self.update.apply(
-            state["teacher"], state["teacher_opt"], result
+        params, opt_state, metrics = self.update.apply(
+            state.teacher_params, state.teacher_opt_state, result
         )
-        new_state = {**state, "teacher": teacher, "teacher_opt": opt_state,
-                     "episode": state["episode"] + 1}
+        new_state = state.replace(teacher_params=params, teacher_opt_state=opt_state,
+                                  episode=state.episode + 1)
         return new_state, {**result.metrics, **metrics}
+
+
+# --------------------------------------------------------------------------- config
+
+
+def teaching_checks(config: ml_collections.ConfigDict) -> list:
+    """The ``(ok, message)`` checks of the ``teacher`` fields every state-feature teacher
+    method reads (episodes, online teaching, the teacher's update)."""
+    t = config.teacher
+    return teaching.teacher_update_checks(config, "teacher") + [
+        (t.restart in RESTARTS, f"config.teacher.restart must be one of {RESTARTS}"),
+        (t.num_episodes >= 0, "config.teacher.num_episodes must be >= 0"),
+        (t.episode_steps >= 1, "config.teacher.episode_steps must be >= 1"),
+        (t.pretrain_steps >= 0, "config.teacher.pretrain_steps must be >= 0"),
+        (t.online_window >= 1, "config.teacher.online_window must be >= 1"),
+        (t.dev_every >= 1, "config.teacher.dev_every must be >= 1"),
+        (t.checkpoint_every >= 1, "config.teacher.checkpoint_every must be >= 1 (episodes)"),
+    ]
+
+
+def validate_teaching(config: ml_collections.ConfigDict, taught_name: str, fixed_name: str,
+                      checks: list) -> None:
+    """Validates a state-feature teacher method's ``teacher`` section.
+
+    Args:
+        config: the experiment config (``config.method`` is either name below).
+        taught_name: the method that trains the teacher (episodes or online).
+        fixed_name: the method of the same loss at the untaught teacher.
+        checks: the teacher's own ``(ok, message)`` checks, tested first.
+    """
+    t = config.teacher
+    taught = config.method == taught_name
+    base.check_fields(checks + teaching_checks(config))
+    teaching.validate_population_size(
+        config, "teacher", trains_population=taught and t.num_episodes > 0,
+        what=f"the teacher's episodes (config.teacher.num_episodes >= 1 with method "
+             f"{taught_name!r})")
+    if taught and not (t.num_episodes or t.teach_online):
+        raise ConfigError(
+            f"{config.method} needs config.teacher.num_episodes >= 1 or "
+            f"config.teacher.teach_online=True (otherwise nothing teaches: use method "
+            f"{fixed_name!r})"
+        )
+    if t.pretrain_steps and t.restart != "fixed":
+        raise ConfigError(
+            "config.teacher.pretrain_steps > 0 needs config.teacher.restart='fixed' (fresh "
+            "restarts never start from the pre-trained student); set one of them"
+        )
+    if t.teach_online and config.train.log_every % t.online_window:
+        raise ConfigError(
+            f"config.train.log_every ({config.train.log_every}) must be a multiple of "
+            f"config.teacher.online_window ({t.online_window}) when teach_online"
+        )
+
+
+def build_teacher(config: ml_collections.ConfigDict, num_classes: int) -> teachers.DLFTeacher:
+    """The DLF teacher's structure from ``config.teacher``.
+
+    A run's saved config from before ``gate_init_scale`` existed gets 0, the init it ran
+    with, so that its pictures can still be drawn.
+    """
+    t = config.teacher
+    return teachers.DLFTeacher(t.form, num_classes, teachers.NUM_FEATURES, t.hidden,
+                               t.combine, t.bilinear_scale, t.get("gate_init_scale", 0.0))
+
+
+def dlf_checks(config: ml_collections.ConfigDict) -> list:
+    """The ``(ok, message)`` checks of the DLF teacher's own fields."""
+    t = config.teacher
+    return [
+        (t.form in teachers.TEACHER_FORMS,
+         f"unknown config.teacher.form {t.form!r}; choose one of {teachers.TEACHER_FORMS}"),
+        (t.hidden >= 1, "config.teacher.hidden must be >= 1"),
+        (t.bilinear_scale > 0, "config.teacher.bilinear_scale must be > 0"),
+        (t.gate_init_scale >= 0, "config.teacher.gate_init_scale must be >= 0 (0: the "
+         "demo's init, where the state gate never opens)"),
+    ]
+
+
+def stats_builder(config: ml_collections.ConfigDict, model: nn.Module) -> StatsBuilder:
+    """Builds the feature stats update of `teachers.make_stats_fn` from dev arrays."""
+    def build(dev_x, dev_y):
+        return teachers.make_stats_fn(model, dev_x, dev_y, config.teacher.dev_every)
+    return build
+
+
+def build_episodic(config: ml_collections.ConfigDict, splits: data.Splits,
+                   teacher: Any) -> EpisodicTeacherTraining:
+    """The episodic teacher-training phase's loop from ``config.teacher``."""
+    model = students.build_student(config.student, splits.num_classes)
+    t = config.teacher
+    return EpisodicTeacherTraining(
+        model=model,
+        tx=optimizers.make_inner_optimizer(config.optimizer, t.episode_steps),
+        teacher=teacher,
+        update=teaching.teacher_update(config, "teacher"),
+        steps_per_call=t.episode_steps,
+        batch_size=config.train.batch_size,
+        stats_builder=stats_builder(config, model),
+        restart=t.restart,
+        features_grad=t.features_grad,
+        augment=config.data.augment,
+        feature_dev_size=t.feature_dev_size,
+        population=teaching.build_population(config, "teacher", config.train.batch_size),
+    )
+
+
+def build_taught_student(config: ml_collections.ConfigDict, splits: data.Splits,
+                         teacher: Any, taught: bool) -> Teaching:
+    """The reported student's loop under the teacher (learning online when asked)."""
+    t = config.teacher
+    online = taught and t.teach_online
+    model = students.build_student(config.student, splits.num_classes)
+    return teaching.student_teaching(
+        config, splits, make_dlf_loss_fn(teacher, config.train.num_steps, t.features_grad),
+        model=model,
+        steps_per_call=t.online_window if online else config.train.log_every,
+        stats_builder=stats_builder(config, model),
+        initial_stats=teachers.initial_stats(splits.num_classes),
+        teacher_update=teaching.teacher_update(config, "teacher") if online else None,
+        feature_dev_size=t.feature_dev_size,
+    )
+
+
+def feature_teacher_plan(config: ml_collections.ConfigDict, splits: data.Splits,
+                         rng: jax.Array, teacher: Any, taught: bool) -> base.Plan:
+    """A state-feature teacher method: the teacher's episodes (if taught and asked for),
+    then the reported student under the teacher (taught online if asked for).
+
+    Args:
+        config: the experiment config.
+        splits: the data.
+        rng: the run's PRNG key.
+        teacher: the teacher's structure (`teachers.DLFTeacher`, `teachers.WeightTeacher`).
+        taught: whether the teacher learns; False: the loss at its untaught parameters.
+
+    Returns:
+        The plan; its finish writes the final teacher parameters (`TEACHER_PARAMS_FILE`).
+    """
+    teacher_rng, student_rng = jax.random.split(rng)
+    t = config.teacher
+    episodes = taught and t.num_episodes > 0
+    phases = []
+    taught_start = None
+    if episodes:
+        episodic = build_episodic(config, splits, teacher)
+        start = None
+        if t.pretrain_steps:
+            start = teaching.pretrained_start(
+                episodic.model, episodic.tx, student_rng, splits, config.seed,
+                steps=t.pretrain_steps, batch_size=config.train.batch_size,
+                augment=config.data.augment, stats=teachers.initial_stats(splits.num_classes),
+                population=episodic.population)
+            # The taught student is one, on one device; copied before the episodes
+            # donate (and so delete) the start's buffers.
+            taught_start = jax.device_get(episodic.population.first(start))
+        phases.append(base.Phase(
+            TEACHER_DIR, episodic,
+            base.Schedule(t.num_episodes * t.episode_steps, eval_every=0,
+                          checkpoint_every=t.checkpoint_every * t.episode_steps),
+            lambda finished: episodic.init(teacher_rng, splits, start), "teacher"))
+
+    def loss_params(finished):
+        if episodes:
+            # To the host: the taught student trains on one device, whatever mesh the
+            # episodes used (mixed placements would not restore into one jit).
+            return jax.device_get(finished[TEACHER_DIR].teacher_params)
+        return teacher.init(teacher_rng)
+
+    student = build_taught_student(config, splits, teacher, taught)
+    phases.append(teaching.student_phase(config, splits, student, student_rng, loss_params,
+                                         start=taught_start, nonfinite_section="teacher"))
+
+    def finish(finished, workdir, summary):
+        del summary
+        save_params(finished[""].loss_params, os.path.join(workdir, TEACHER_PARAMS_FILE))
+        return {}
+
+    return base.Plan(tuple(phases), finish)
+
+
+def draw_dlf_loss(config: ml_collections.ConfigDict, workdir: str, records: list[dict],
+                  summary: dict) -> list[str]:
+    """``dlf_loss.png``: the learned W_t at several points of the run, and the loss vs p_y."""
+    params_path = os.path.join(workdir, TEACHER_PARAMS_FILE)
+    if not os.path.exists(params_path):
+        return []
+    params = load_params(params_path)
+    num_classes = params["W"].shape[0]
+    states = plots.dlf_states_from_metrics(records, config.train.num_steps, num_classes)
+    path = os.path.join(workdir, "dlf_loss.png")
+    plots.plot_dlf_loss(build_teacher(config, num_classes), params, states, path,
+                        plots.run_title(summary))
+    return [path]
+
+
+def _build(taught: bool):
+    def build(config, splits, rng):
+        teacher = build_teacher(config, splits.num_classes)
+        return feature_teacher_plan(config, splits, rng, teacher, taught)
+    return build
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks the ``teacher`` section of ``l2t-dlf`` and ``l2t-dlf-fixed``."""
+    validate_teaching(config, "l2t-dlf", "l2t-dlf-fixed", dlf_checks(config))
+
+
+base.register(
+    base.Method(
+        name="l2t-dlf",
+        description="L2T-DLF: a teacher sets a bilinear loss from the student's state, "
+                    "trained by exact meta-gradients (episodes and/or online)",
+        example="configs/l2t_dlf.py:digits,noisy",
+        build=_build(taught=True), sections=("teacher",), validate=validate,
+        draw=draw_dlf_loss),
+    base.Method(
+        name="l2t-dlf-fixed",
+        description="the L2T-DLF loss at the teacher's untaught parameters (the loss "
+                    "form without the teaching)",
+        example="configs/l2t_dlf.py:digits,noisy",
+        build=_build(taught=False), sections=("teacher",), validate=validate,
+        draw=draw_dlf_loss),
+)

@@ -48,23 +48,63 @@ starts from the initialisation and data order of a single-student run.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+import os
+from typing import Any, NamedTuple
 
+import flax
 import flax.linen as nn
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
+from absl import logging
 from jax.flatten_util import ravel_pytree
 
-from l2t_jax import data, engine, parallel
+from l2t_jax import data, engine, optimizers, plots, students
+from l2t_jax.checkpoint import save_params
+from l2t_jax.errors import ConfigError
 from l2t_jax.losses import dln as dln_lib
+from l2t_jax.losses import logits_loss
+from l2t_jax.methods import base, teaching
 from l2t_jax.methods.teaching import TeacherUpdate, Teaching
+from l2t_jax.population import SINGLE_STUDENT, Population
 from l2t_jax.teachers.lstm import CoordinateLSTM
 
 PROTOCOLS = ("fixed", "redraw")
 ACCEPT_RULES = ("always", "proper", "proper_descent")
+DLN_INITS = ("released", "warm")
 STUDENT_FEATURE_NAMES = ("iteration_fraction", "train_ce", "val_ce")
+DLN_PARAMS_FILE = "dln_params.npz"
+DLN_SNAPSHOTS_FILE = "dln_snapshots.npz"
+TEACHER_PARAMS_FILE = "teacher_params.npz"
+# A run whose final dev error is this many points above its best one is reported as
+# collapsed (the learned loss misled the student late in the run).
+COLLAPSE_POINTS = 10.0
+# The student's loss: the DLN's output averaged over the batch's 1-vs-1 rows.
+dln_student_loss = logits_loss(dln_lib.dln_loss)
+
+
+@flax.struct.dataclass
+class DLNState:
+    """The state of an L2T-DLN run.
+
+    Attributes:
+        student: the student (stacked (P, ...) with a population).
+        loss_params: the loss network's phi, which the student's loss reads.
+        teacher_params: the LSTM teacher's parameters psi.
+        teacher_opt_state: their optimizer state.
+        teacher_memory: the LSTM's hidden and cell states, per DLN coordinate.
+        loss_snapshots: (num_snapshots, N) the flattened DLN at `snapshot_steps`.
+    """
+
+    student: engine.StudentState
+    loss_params: Any
+    teacher_params: Any
+    teacher_opt_state: Any
+    teacher_memory: Any
+    loss_snapshots: jax.Array
 
 
 class DLNMetaGradients(NamedTuple):
@@ -95,8 +135,7 @@ class DLNMetaGradients(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class DLNTeaching:
-    """The L2T-DLN method; state ``{"student", "dln", "teacher", "teacher_opt",
-    "memory", "snapshots"}``.
+    """The L2T-DLN method's outer loop; its state is a `DLNState`.
 
     Attributes:
         model: the Flax student.
@@ -119,7 +158,7 @@ class DLNTeaching:
             it (`losses.dln.match_surface_scale`), so the teacher changes the loss's
             shape but not its scale (not in the released code; see ``docs/l2t_dln.md``).
         population: the students sharing the DLN and their mesh (default: one
-            student); ``state["student"]`` is then stacked, every leaf (P, ...).
+            student); ``state.student`` is then stacked, every leaf (P, ...).
         accept: ``"always"`` (released), ``"proper"`` or ``"proper_descent"`` (see the
             module docstring).
         proper_tolerance: the largest corner gap the ``"proper*"`` rules accept.
@@ -143,7 +182,7 @@ class DLNTeaching:
     redraw_every: int = 250
     num_snapshots: int = 6
     preserve_scale: bool = False
-    population: parallel.Population = parallel.SINGLE_STUDENT
+    population: Population = SINGLE_STUDENT
     accept: str = "always"
     proper_tolerance: float = 0.05
     keep_after: int = 0
@@ -151,11 +190,11 @@ class DLNTeaching:
     @property
     def student_teaching(self) -> Teaching:
         """The student's step and training batches, shared with the CE / fixed-DLN runs."""
-        return Teaching(self.model, self.tx, dln_lib.dln_loss, self.augment,
+        return Teaching(self.model, self.tx, dln_student_loss, self.augment,
                         self.steps_per_call, self.batch_size)
 
     def snapshot_steps(self) -> list[int]:
-        """The student steps at which the rows of ``state["snapshots"]`` are taken.
+        """The student steps at which the rows of ``state.loss_snapshots`` are taken.
 
         Evenly spaced iterations from 0 to the end (rows repeat on very short runs).
         """
@@ -164,7 +203,7 @@ class DLNTeaching:
         return [self.steps_per_call * round(i * iterations / last)
                 for i in range(self.num_snapshots)]
 
-    def init(self, rng: jax.Array, splits: data.Splits, dln: dict) -> dict:
+    def init(self, rng: jax.Array, splits: data.Splits, dln: dict) -> DLNState:
         """A fresh student (from `rng`), the given DLN, a fresh LSTM and empty memory."""
         student_rng, teacher_rng = jax.random.split(rng)
         student = self.population.init_students(self.model, self.tx, student_rng,
@@ -172,13 +211,14 @@ class DLNTeaching:
         params = self.teacher.init(teacher_rng)
         flat_dln, _ = ravel_pytree(dln)
         student, shared = self.population.place(student, {
-            "dln": dln,
-            "teacher": params,
-            "teacher_opt": self.update.tx.init(params),
-            "memory": self.teacher.init_memory(flat_dln.shape[0]),
-            "snapshots": jnp.zeros((self.num_snapshots, flat_dln.shape[0]), flat_dln.dtype),
+            "loss_params": dln,
+            "teacher_params": params,
+            "teacher_opt_state": self.update.tx.init(params),
+            "teacher_memory": self.teacher.init_memory(flat_dln.shape[0]),
+            "loss_snapshots": jnp.zeros((self.num_snapshots, flat_dln.shape[0]),
+                                        flat_dln.dtype),
         })
-        return {"student": student, **shared}
+        return DLNState(student=student, **shared)
 
     def _train_and_val_splits(self, splits: data.Splits, seed: int, iteration: int):
         if self.protocol == "fixed":
@@ -219,7 +259,7 @@ class DLNTeaching:
             student.step / self.total_steps, train_ce / log_c, val_ce / log_c
         ]))
 
-    def meta_gradients(self, state: dict, batches: dict) -> DLNMetaGradients:
+    def meta_gradients(self, state: DLNState, batches: dict) -> DLNMetaGradients:
         """Stages A and B: the DLN's hypergradient, the proposal and the teacher's gradient.
 
         Args:
@@ -231,7 +271,7 @@ class DLNTeaching:
             gradients and objectives are averaged over the members and
             ``result_b.state`` holds every member's unroll-B student.
         """
-        student = state["student"]
+        student = state.student
         first = self.population.first(student)
         step_fn = self.student_teaching.step_fn(batches)
         val = batches["val"]
@@ -242,8 +282,8 @@ class DLNTeaching:
         estimator = self.population.estimator(self.update.estimator)
 
         # Stage A: the DLN's hypergradient through the K steps.
-        result_a = estimator(step_fn, objective, state["dln"], student, batches["train"])
-        flat_phi, unravel = ravel_pytree(state["dln"])
+        result_a = estimator(step_fn, objective, state.loss_params, student, batches["train"])
+        flat_phi, unravel = ravel_pytree(state.loss_params)
         g, _ = ravel_pytree(result_a.grad)
         g_finite = jnp.all(jnp.isfinite(g))
         g = jax.lax.stop_gradient(jnp.where(g_finite, g, 0.0))
@@ -255,19 +295,20 @@ class DLNTeaching:
         # Stage B: the proposal phi'(psi), the second unroll from the same student on
         # the same batches, and its gradient at phi' pulled back to psi.
         def propose(params):
-            steps, memory = self.teacher(params, g, state["memory"], extra)
+            steps, memory = self.teacher(params, g, state.teacher_memory, extra)
             # A non-finite hypergradient proposes nothing (and is counted).
             steps = jnp.where(g_finite, steps, 0.0)
             proposal = unravel(flat_phi - self.dln_step_size * steps)
             if self.preserve_scale:
-                proposal = dln_lib.match_surface_scale(proposal, state["dln"])
+                proposal = dln_lib.match_surface_scale(proposal, state.loss_params)
             return proposal, (steps, memory)
 
-        new_phi, pullback, (steps, memory) = jax.vjp(propose, state["teacher"], has_aux=True)
+        new_phi, pullback, (steps, memory) = jax.vjp(propose, state.teacher_params,
+                                                     has_aux=True)
         result_b = estimator(step_fn, objective, new_phi, student, batches["train"])
         (teacher_grad,) = pullback(result_b.grad)
         memory = jax.tree_util.tree_map(
-            lambda new, old: jnp.where(g_finite, new, old), memory, state["memory"])
+            lambda new, old: jnp.where(g_finite, new, old), memory, state.teacher_memory)
         return DLNMetaGradients(
             hypergrad=g, hypergrad_finite=g_finite, result_a=result_a,
             steps=steps, new_dln=jax.lax.stop_gradient(new_phi),
@@ -275,7 +316,7 @@ class DLNTeaching:
             result_b=result_b._replace(grad=teacher_grad),
         )
 
-    def outer_step(self, state: dict, batches: dict):
+    def outer_step(self, state: DLNState, batches: dict):
         """One L2T-DLN iteration (stages A, B, C); returns ``(state, metrics)``.
 
         With a population the inner metrics are (P, K), and each member keeps its own
@@ -283,7 +324,7 @@ class DLNTeaching:
         """
         m = self.meta_gradients(state, batches)
         teacher, teacher_opt, meta_metrics = self.update.apply(
-            state["teacher"], state["teacher_opt"], m.result_b
+            state.teacher_params, state.teacher_opt_state, m.result_b
         )
         # Stage C: the student of unroll B and the new DLN (or, rejected, the old DLN
         # and the student of unroll A), and the new memory.
@@ -297,9 +338,9 @@ class DLNTeaching:
         dln, student, inner_metrics = jax.tree_util.tree_map(
             lambda new, old: jnp.where(accepted, new, old),
             (m.new_dln, m.result_b.state, m.result_b.metrics),
-            (state["dln"], m.result_a.state, m.result_a.metrics))
+            (state.loss_params, m.result_a.state, m.result_a.metrics))
         probe = dln_lib.probe_dln(dln)  # of the kept DLN
-        flat_phi, _ = ravel_pytree(state["dln"])
+        flat_phi, _ = ravel_pytree(state.loss_params)
         new_flat, _ = ravel_pytree(dln)
         metrics = {
             **inner_metrics,  # of the unroll whose student is kept
@@ -318,16 +359,16 @@ class DLNTeaching:
             "dln/corner_gap": probe["corner_gap"],
             "dln/inverted": (probe["margin"] <= 0).astype(jnp.float32),
         }
-        new_state = {
-            "student": student,
-            "dln": dln,
-            "teacher": teacher,
-            "teacher_opt": teacher_opt,
-            "memory": m.memory,
-            "snapshots": self._record_snapshot(
-                state["snapshots"], step_before, flat_phi,
+        new_state = DLNState(
+            student=student,
+            loss_params=dln,
+            teacher_params=teacher,
+            teacher_opt_state=teacher_opt,
+            teacher_memory=m.memory,
+            loss_snapshots=self._record_snapshot(
+                state.loss_snapshots, step_before, flat_phi,
                 self.population.first(student).step, new_flat),
-        }
+        )
         return new_state, metrics
 
     def _record_snapshot(self, snapshots, step_before, flat_before, step_after, flat_after):
@@ -336,6 +377,206 @@ class DLNTeaching:
         snapshots = jnp.where((marks == step_before)[:, None], flat_before, snapshots)
         return jnp.where((marks == step_after)[:, None], flat_after, snapshots)
 
-    def student(self, state: dict) -> engine.StudentState:
+    def student(self, state: DLNState) -> engine.StudentState:
         """The student to evaluate: the only one, or member 0 of a population."""
-        return self.population.first(state["student"])
+        return self.population.first(state.student)
+
+
+# --------------------------------------------------------------------------- config
+
+
+def dln_checks(config: ml_collections.ConfigDict) -> list:
+    """The ``(ok, message)`` checks of the ``dln`` section."""
+    d = config.dln
+    unroll = d.unroll_steps
+    return [
+        (d.init in DLN_INITS, f"config.dln.init must be one of {DLN_INITS}"),
+        (d.protocol in PROTOCOLS, f"config.dln.protocol must be one of {PROTOCOLS}"),
+        (d.accept in ACCEPT_RULES, f"config.dln.accept must be one of {ACCEPT_RULES}"),
+        (d.proper_tolerance >= 0, "config.dln.proper_tolerance must be >= 0"),
+        (d.keep_after >= 0, "config.dln.keep_after must be >= 0 (student steps)"),
+        *teaching.teacher_update_checks(config, "dln")[:2],
+        (d.hidden >= 1 and d.depth >= 1, "config.dln.hidden and config.dln.depth must be >= 1"),
+        (d.teacher_hidden >= 1 and d.teacher_cells >= 2,
+         "config.dln.teacher_hidden must be >= 1 and config.dln.teacher_cells >= 2"),
+        (isinstance(unroll, int) and unroll >= 1, "config.dln.unroll_steps must be an int >= 1"),
+        (d.val_batch_size >= 1, "config.dln.val_batch_size must be >= 1"),
+        (d.step_size > 0, "config.dln.step_size must be > 0"),
+        *teaching.teacher_update_checks(config, "dln")[2:],
+        (d.warm_steps >= 1, "config.dln.warm_steps must be >= 1"),
+        (d.warm_target in dln_lib.WARM_TARGETS,
+         f"config.dln.warm_target must be one of {dln_lib.WARM_TARGETS}"),
+        (d.redraw_every >= 1, "config.dln.redraw_every must be >= 1 (iterations)"),
+        (d.num_snapshots >= 2, "config.dln.num_snapshots must be >= 2"),
+    ]
+
+
+def _validate(taught: bool):
+    def validate(config):
+        base.check_fields(dln_checks(config))
+        teaching.validate_population_size(config, "dln", trains_population=taught,
+                                          what="method 'l2t-dln'")
+        if not taught:
+            return
+        for field in ("log_every", "eval_every", "checkpoint_every", "num_steps"):
+            if config.train[field] % config.dln.unroll_steps:
+                raise ConfigError(
+                    f"config.train.{field} ({config.train[field]}) must be a multiple of "
+                    f"config.dln.unroll_steps ({config.dln.unroll_steps}): one L2T-DLN "
+                    "iteration trains the student that many steps"
+                )
+    return validate
+
+
+def initial_dln(config: ml_collections.ConfigDict, rng: jax.Array) -> dict:
+    """The DLN the student's loss starts from: the released init, or warm-started.
+
+    Args:
+        config: the experiment config (reads ``config.dln``).
+        rng: PRNG key.
+
+    Returns:
+        phi.
+    """
+    d = config.dln
+    init_rng, warm_rng = jax.random.split(rng)
+    phi = dln_lib.init_dln(init_rng, d.hidden, d.depth)
+    if d.init == "warm":
+        phi = jax.jit(dln_lib.warm_start_dln, static_argnames=("target", "steps"))(
+            phi, warm_rng, target=d.warm_target, steps=d.warm_steps,
+            sharpness=d.warm_sharpness)
+    return phi
+
+
+def build_dln_teaching(config: ml_collections.ConfigDict, splits: data.Splits) -> DLNTeaching:
+    """The L2T-DLN loop (the reported student is the one it trains: member 0 of a
+    population)."""
+    d = config.dln
+    return DLNTeaching(
+        model=students.build_student(config.student, splits.num_classes),
+        tx=optimizers.make_inner_optimizer(config.optimizer, config.train.num_steps),
+        teacher=CoordinateLSTM(d.teacher_hidden, d.teacher_cells,
+                               len(STUDENT_FEATURE_NAMES) if d.student_features else 0),
+        update=teaching.teacher_update(config, "dln"),
+        steps_per_call=d.unroll_steps,
+        batch_size=config.train.batch_size,
+        val_batch_size=d.val_batch_size,
+        dln_step_size=d.step_size,
+        total_steps=config.train.num_steps,
+        num_classes=splits.num_classes,
+        augment=config.data.augment,
+        protocol=d.protocol,
+        redraw_every=d.redraw_every,
+        num_snapshots=d.num_snapshots,
+        preserve_scale=d.preserve_scale,
+        population=teaching.build_population(config, "dln", config.train.batch_size),
+        accept=d.accept,
+        proper_tolerance=d.proper_tolerance,
+        keep_after=d.keep_after,
+    )
+
+
+def save_dln(method: DLNTeaching, state: DLNState, workdir: str, summary: dict) -> dict:
+    """Writes the final DLN, the teacher and the DLN's snapshots; returns the DLN's
+    health and collapse flags.
+
+    Flags (also logged as warnings): ``dln_inverted`` (the final DLN rates a confident
+    wrong answer no worse than a confident right one), ``dln_improper`` (the right answer
+    is not the final DLN's minimum: corner gap above the method's ``proper_tolerance``,
+    so the student can lower its loss by answering wrong), ``dln_scale_growth`` (the final
+    DLN's spread over its initial one: a large value means the teacher inflated the loss,
+    i.e. the student's step size), ``collapsed`` (final dev error more than
+    `COLLAPSE_POINTS` above the best).
+    """
+    save_params(state.loss_params, os.path.join(workdir, DLN_PARAMS_FILE))
+    save_params(state.teacher_params, os.path.join(workdir, TEACHER_PARAMS_FILE))
+    np.savez(os.path.join(workdir, DLN_SNAPSHOTS_FILE),
+             snapshots=np.asarray(state.loss_snapshots),
+             steps=np.asarray(method.snapshot_steps()))
+    probe = {k: float(v) for k, v in dln_lib.probe_dln(state.loss_params).items()}
+    unravel = jax.flatten_util.ravel_pytree(state.loss_params)[1]
+    initial = float(dln_lib.probe_dln(unravel(state.loss_snapshots[0]))["spread"])
+    flags = {
+        "dln_inverted": probe["margin"] <= 0,
+        "dln_improper": probe["corner_gap"] > method.proper_tolerance,
+        "dln_scale_growth": probe["spread"] / initial,
+        "collapsed": summary["final_dev_error"] - summary["best_dev_error"] > COLLAPSE_POINTS,
+    }
+    if flags["dln_inverted"]:
+        logging.warning("the learned DLN is inverted (margin %.3g): it rates a confident "
+                        "wrong answer no worse than a confident right one", probe["margin"])
+    if flags["dln_improper"]:
+        logging.warning("the learned DLN is improper (corner gap %.3g): its minimum is not "
+                        "at the right answer", probe["corner_gap"])
+    if flags["collapsed"]:
+        logging.warning(
+            "the student collapsed: final dev error %.2f%% vs best %.2f%% (DLN scale x%.3g); "
+            "see dln/spread and dev/error in metrics.jsonl", summary["final_dev_error"],
+            summary["best_dev_error"], flags["dln_scale_growth"])
+    return {**{f"dln_final_{k}": v for k, v in probe.items()}, **flags}
+
+
+def build_taught(config: ml_collections.ConfigDict, splits: data.Splits,
+                 rng: jax.Array) -> base.Plan:
+    """``l2t-dln``: one phase of L2T-DLN iterations; the finish writes the DLN, the
+    teacher and the snapshots (`save_dln`)."""
+    dln_rng, student_rng = jax.random.split(rng)
+    method = build_dln_teaching(config, splits)
+
+    def init(finished):
+        del finished
+        return method.init(student_rng, splits, initial_dln(config, dln_rng))
+
+    phase = base.Phase("", method, base.student_schedule(config), init, "dln")
+
+    def finish(finished, workdir, summary):
+        return save_dln(method, finished[""], workdir, summary)
+
+    return base.Plan((phase,), finish)
+
+
+def build_fixed(config: ml_collections.ConfigDict, splits: data.Splits,
+                rng: jax.Array) -> base.Plan:
+    """``l2t-dln-fixed``: the student under the initial DLN, frozen."""
+
+    def finish(finished, workdir, summary):
+        del summary
+        save_params(finished[""].loss_params, os.path.join(workdir, DLN_PARAMS_FILE))
+        return {}
+
+    return teaching.fixed_loss_plan(config, splits, rng, dln_student_loss,
+                                    lambda dln_rng: initial_dln(config, dln_rng), finish,
+                                    nonfinite_section="dln")
+
+
+def draw_dln_loss(config: ml_collections.ConfigDict, workdir: str, records: list[dict],
+                  summary: dict) -> list[str]:
+    """``dln_loss.png``: the loss network's surface over (sigmoid z_y, sigmoid z_j) at
+    several points of the run, the teacher's update magnitudes and the DLN's margin."""
+    snapshots_path = os.path.join(workdir, DLN_SNAPSHOTS_FILE)
+    if not os.path.exists(snapshots_path):
+        return []
+    template = dln_lib.init_dln(jax.random.PRNGKey(0), config.dln.hidden, config.dln.depth)
+    unravel = jax.flatten_util.ravel_pytree(template)[1]
+    with np.load(snapshots_path) as f:
+        dlns = [(int(step), unravel(row)) for step, row in zip(f["steps"], f["snapshots"])]
+    path = os.path.join(workdir, "dln_loss.png")
+    plots.plot_dln_loss(dlns, records, path, plots.run_title(summary))
+    return [path]
+
+
+base.register(
+    base.Method(
+        name="l2t-dln",
+        description="L2T-DLN: an LSTM teacher updates the student's loss network while "
+                    "the student trains (second-order meta-gradients through K steps)",
+        example="configs/l2t_dln.py:digits,noisy,warm",
+        build=build_taught, sections=("dln",), validate=_validate(taught=True),
+        draw=draw_dln_loss),
+    base.Method(
+        name="l2t-dln-fixed",
+        description="the L2T-DLN loss network frozen at its initialisation (released or "
+                    "warm-started)",
+        example="configs/l2t_dln.py:digits,noisy,warm",
+        build=build_fixed, sections=("dln",), validate=_validate(taught=False)),
+)

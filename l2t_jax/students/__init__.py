@@ -3,6 +3,12 @@
 Every student is called as `module.apply(variables, x, train=...)` and returns logits
 (B, num_classes). Students with BatchNorm keep running statistics in the `batch_stats`
 collection: apply with `mutable=["batch_stats"]` when `train=True`.
+
+Students also `sow` named activations into the ``"intermediates"`` collection, which a
+loss can ask for (`engine.student_output`; free when not asked for): the MLP's
+``hidden_<i>`` (after each hidden layer's activation), LeNet-5's and the 1-D CNN's
+``conv_<i>`` (after each convolution block), and the ResNets' and WRN's ``group_<g>``
+(g = 1, 2, 3: the output of each residual group, where attention transfer reads).
 """
 
 import math

@@ -38,7 +38,7 @@ class CNN1D(nn.Module):
         x = jnp.asarray(x, self.dtype)
         if x.ndim == 2:
             x = x[..., None]
-        for kernel in (5, 3, 3):
+        for layer, kernel in enumerate((5, 3, 3)):
             x = Conv(
                 self.channels,
                 (kernel,),
@@ -48,6 +48,7 @@ class CNN1D(nn.Module):
                 param_dtype=self.dtype,
             )(x)
             x = nn.relu(x)
+            self.sow("intermediates", f"conv_{layer}", x)
         x = x.reshape(x.shape[0], -1)
         return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.dtype)(x)
 

@@ -47,7 +47,7 @@ class LeNet5(nn.Module):
         """
         norm = batch_norm(train, self.dtype)
         x = as_images(x, self.dtype)
-        for features in (20, 50):
+        for layer, features in enumerate((20, 50)):
             x = Conv(
                 features,
                 (5, 5),
@@ -58,6 +58,7 @@ class LeNet5(nn.Module):
             if self.use_batch_norm:
                 x = norm()(x)
             x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+            self.sow("intermediates", f"conv_{layer}", x)
         x = x.reshape(x.shape[0], -1)
         for width in self.fc_hidden:
             x = nn.relu(nn.Dense(width, dtype=self.dtype, param_dtype=self.dtype)(x))

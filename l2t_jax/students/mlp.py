@@ -33,10 +33,11 @@ class MLP(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Returns logits (B, num_classes) for inputs (B, ...); `train` is unused."""
         x = jnp.asarray(x, self.dtype).reshape(x.shape[0], -1)
-        for width in self.hidden:
+        for layer, width in enumerate(self.hidden):
             x = ACTIVATIONS[self.activation](
                 nn.Dense(width, dtype=self.dtype, param_dtype=self.dtype)(x)
             )
+            self.sow("intermediates", f"hidden_{layer}", x)
         return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.dtype)(x)
 
 

@@ -99,6 +99,7 @@ class CifarResNet(nn.Module):
                 x = BasicBlock(width, strides, self.projection_shortcut, self.dtype)(
                     x, train
                 )
+            self.sow("intermediates", f"group_{stage + 1}", x)
         if self.pool_window is None:
             x = jnp.mean(x, axis=(1, 2))
         else:

@@ -81,6 +81,7 @@ class WideResNet(nn.Module):
                 x = PreActBlock(
                     width * self.widen_factor, strides, self.dropout_rate, self.dtype
                 )(x, train)
+            self.sow("intermediates", f"group_{stage + 1}", x)
         x = nn.relu(batch_norm(train, self.dtype)()(x))
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.dtype)(x)
