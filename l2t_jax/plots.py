@@ -126,6 +126,33 @@ def _plot_loss_vs_p_true(ax, teacher, params: dict, states: list[tuple[int, np.n
     ax.legend(fontsize=7)
 
 
+def plot_weight_teacher(teacher, params: dict, states: list[tuple[int, np.ndarray]],
+                        path: str, title: str = "") -> None:
+    """Draws a `teachers.WeightTeacher`: its loss weights over the run and the loss vs p_y.
+
+    Args:
+        teacher: the teacher's structure.
+        params: its (learned) parameters.
+        states: ``[(step, s_t)]``, e.g. from `dlf_states_from_metrics`.
+        path: where to write the PNG.
+        title: figure title.
+    """
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    steps = [step for step, _ in states]
+    weights = [teacher.weights(params, jnp.asarray(s)) for _, s in states]
+    for name, initial in zip(teacher.names, teacher.initial):
+        left.plot(steps, [float(w[name]) for w in weights], "o-", label=name)
+        left.axhline(initial, ls=":", color="k")
+    left.set(xlabel="student step", ylabel="weight", title="learned weights (dotted: "
+             "hand-set)")
+    left.legend(fontsize=7)
+    _plot_loss_vs_p_true(right, teacher, params, states)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_dln_loss(dlns: list[tuple[int, dict]], records: list[dict], path: str,
                   title: str = "", grid_size: int = 41) -> None:
     """Draws an L2T-DLN run: the loss network's surface over training, and the teacher.

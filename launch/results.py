@@ -25,6 +25,10 @@ student, optimizer, step budget and dev selection:
 * L2T-DLF on the L2T-DLN group's student and schedule (option ``long``: the teacher
   updated online every 50 steps, no episodes), so that ``ce-long`` is its CE row:
   ``l2t-dlf-fixed-long``, ``l2t-dlf-long``.
+* The noise-robust losses (configs/robust.py): ``gce`` (q = 0.7), ``sce`` (alpha 0.1,
+  beta 1.0, A = -4) and ``l2t-gce`` (GCE with q set by a loss teacher trained as L2T-DLF's)
+  in the L2T-DLF group; ``gce-long``, ``sce-long``, ``l2t-gce-long`` on the L2T-DLN
+  group's student and schedule (the teacher online every 50 steps).
 * Online teaching over a full-length training (option ``online``: 10 episode lengths,
   teacher updated every 50 steps by truncated backprop, no episodes): ``ce-ol``,
   ``l2t-dlf-fixed-ol``, ``l2t-dlf-ol``.
@@ -53,7 +57,7 @@ import numpy as np
 from absl import app, flags, logging
 
 import launch
-from configs import l2t_dlf, l2t_dln
+from configs import l2t_dlf, l2t_dln, robust
 from l2t_jax import train
 
 # The taught warm DLN under the proper rule (scale preserved), and with the descent test.
@@ -103,6 +107,12 @@ METHODS = {
     "l2t-dlf-ol": (l2t_dlf, ",online", "l2t-dlf", {}),
     "l2t-dlf-fixed-long": (l2t_dlf, ",long", "l2t-dlf-fixed", {}),
     "l2t-dlf-long": (l2t_dlf, ",long", "l2t-dlf", {}),
+    "gce": (robust, "", "gce", {}),
+    "sce": (robust, "", "sce", {}),
+    "l2t-gce": (robust, "", "l2t-gce", {}),
+    "gce-long": (robust, ",long", "gce", {}),
+    "sce-long": (robust, ",long", "sce", {}),
+    "l2t-gce-long": (robust, ",long", "l2t-gce", {}),
 }
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the individual runs live.")
@@ -219,15 +229,18 @@ def main(argv):
 
 # Methods compared in one table share students, optimizers, step budgets and dev selection.
 GROUPS = {
-    "L2T-DLF group (configs/l2t_dlf.py)": ("ce", "l2t-dlf-fixed", "l2t-dlf", "l2t-dlf-pop4"),
+    "L2T-DLF group (configs/l2t_dlf.py; robust losses: configs/robust.py)": (
+        "ce", "gce", "sce", "l2t-gce", "l2t-dlf-fixed", "l2t-dlf", "l2t-dlf-pop4"),
     "L2T-DLF group, teacher on a separate meta-dev split (150 of the dev examples: of 300 "
     "on digits, 500 on mnist1d; selection on the rest)": ("ce-md", "l2t-dlf-fixed-md",
                                                           "l2t-dlf-md"),
     "L2T-DLF group, online teacher over a training 10 episode lengths long "
     "(configs/l2t_dlf.py:<dataset>,online)": ("ce-ol", "l2t-dlf-fixed-ol", "l2t-dlf-ol"),
     "L2T-DLN group (configs/l2t_dln.py: SGD 0.1, batch 25, K = 15; 400 iterations, mnist_5k "
-    "200), with L2T-DLF on the same student and schedule (configs/l2t_dlf.py:<dataset>,long)": (
-        "ce-long", "l2t-dlf-fixed-long", "l2t-dlf-long", "l2t-dln-fixed", "l2t-dln",
+    "200), with L2T-DLF and the robust losses on the same student and schedule "
+    "(configs/l2t_dlf.py:<dataset>,long, configs/robust.py:<dataset>,long)": (
+        "ce-long", "gce-long", "sce-long", "l2t-gce-long", "l2t-dlf-fixed-long",
+        "l2t-dlf-long", "l2t-dln-fixed", "l2t-dln",
         "l2t-dln-warm-fixed", "l2t-dln-warm", "l2t-dln-warm-proper", "l2t-dln-warm-descent"),
     "L2T-DLN group, teacher on a separate meta-dev split (150 of the 300 dev examples; "
     "selection on the other 150)": ("ce-long-md", "l2t-dln-warm-fixed-md",
@@ -244,13 +257,14 @@ GROUPS = {
 
 # The headline: each method family at its recommended setting, all on one student and
 # schedule (the L2T-DLN group's), so that its columns compare: label -> row of `METHODS`.
-HEADLINE = {"CE": "ce-long", "L2T-DLF": "l2t-dlf-long", "L2T-DLN": "l2t-dln-warm-proper"}
+HEADLINE = {"CE": "ce-long", "GCE": "gce-long", "SCE": "sce-long", "L2T-DLF": "l2t-dlf-long",
+            "l2t-gce": "l2t-gce-long", "L2T-DLN": "l2t-dln-warm-proper"}
 HEADLINE_TITLE = (
     "## Headline\n\nEach method family at its recommended setting, on one student and "
-    "schedule (the L2T-DLN group's: SGD 0.1, batch 25; L2T-DLN warm-started, scale "
-    "preserved, proper rule; the L2T-DLF teacher online every 50 steps). L2T-DLF's "
-    "episodic teacher, its strongest setting on digits, has its own group below. The full "
-    "sweep follows.")
+    "schedule (the L2T-DLN group's: SGD 0.1, batch 25; robust losses at their papers' "
+    "defaults; L2T-DLN warm-started, scale preserved, proper rule; L2T-DLF and l2t-gce "
+    "teachers online every 50 steps). L2T-DLF's episodic teacher, its strongest setting "
+    "on digits, has its own group below. The full sweep follows.")
 
 
 def _table(title: str, columns: dict[str, str], rows: list[dict], usual: int) -> str | None:
@@ -304,7 +318,7 @@ def write_table(rows: list[dict], path: str) -> str:
               "selected on test). "
               "Methods are defined in `launch/results.py` (`METHODS`); what the numbers "
               "mean: [l2t_dlf.md](l2t_dlf.md), [l2t_dln.md](l2t_dln.md) (with the cost of "
-              "an L2T-DLN iteration), populations: "
+              "an L2T-DLN iteration), [robust.md](robust.md), populations: "
               "[population.md](population.md). "
               "Regenerate with `python -m launch.results --workdir=DIR`.\n\n")
     text = header + "\n\n".join(s for s in sections if s is not None) + "\n"

@@ -102,8 +102,11 @@ def optax_ce(logits, labels):
     return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], -1)[:, 0]
 
 
-def dlf_problem(form, dtype, features_grad, perturb=True):
-    """A tiny DLF meta-learning problem: student, batches, dev set, teacher params."""
+def dlf_problem(form, dtype, features_grad, perturb=True, teacher=None):
+    """A tiny DLF meta-learning problem: student, batches, dev set, teacher params.
+
+    `teacher` replaces the DLF teacher of `form` by another state-feature teacher.
+    """
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(C, 6))
 
@@ -119,8 +122,9 @@ def dlf_problem(form, dtype, features_grad, perturb=True):
         {"name": "mlp", "hidden": (8,), "activation": "tanh", "dtype": jnp.dtype(dtype).name}), C)
     tx = optimizers.make_inner_optimizer(
         ml_collections.ConfigDict({"name": "sgd", "learning_rate": 0.5}), steps)
-    teacher = teachers.DLFTeacher(form, C, teachers.NUM_FEATURES, hidden=4, combine=True,
-                                  bilinear_scale=4.0)
+    if teacher is None:
+        teacher = teachers.DLFTeacher(form, C, teachers.NUM_FEATURES, hidden=4, combine=True,
+                                      bilinear_scale=4.0)
     params = teacher.init(jax.random.PRNGKey(1), dtype)
     if perturb:  # move every parameter off its initial value: no gradient is zero at W2 = 0
         params = jax.tree_util.tree_map(

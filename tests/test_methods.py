@@ -17,7 +17,8 @@ from l2t_jax.losses import logits_loss, mean_cross_entropy
 from l2t_jax.methods import base, teaching
 from launch import methods as launch_methods
 
-REQUIRED = ("ce", "l2t-dlf", "l2t-dlf-fixed", "l2t-dln", "l2t-dln-fixed")
+REQUIRED = ("ce", "gce", "sce", "l2t-gce", "l2t-dlf", "l2t-dlf-fixed", "l2t-dln",
+            "l2t-dln-fixed")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

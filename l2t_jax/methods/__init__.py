@@ -10,6 +10,7 @@ from l2t_jax.methods import (
     ce,  # noqa: F401
     dlf,  # noqa: F401
     dln,  # noqa: F401
+    robust,  # noqa: F401
 )
 from l2t_jax.methods.base import (
     EvaluatedLoop,

@@ -8,8 +8,9 @@ from l2t_jax.teachers.features import (
     make_stats_fn,
     student_features,
 )
+from l2t_jax.teachers.weights import WeightTeacher
 
 __all__ = [
     "DLFTeacher", "FEATURE_NAMES", "NUM_FEATURES", "TEACHER_FORMS", "initial_stats",
-    "make_stats_fn", "student_features",
+    "make_stats_fn", "student_features", "WeightTeacher",
 ]
