@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_dlf import dlf_problem
-from test_engine import python_loop_meta_loss
+from test_engine import central_differences, meta_loss, python_loop_meta_loss
 
 from configs import robust
 from l2t_jax import engine, methods, metrics, teachers, train
@@ -66,19 +66,12 @@ def test_l2t_gce_meta_gradient_matches_differences_and_a_loop_float64(x64):
     result = jax.jit(lambda p: engine.FullBackprop(remat="sqrt")(
         step_fn, objective, p, state, batches))(params)
 
-    @jax.jit
-    def value(p):
-        final, _ = engine.unroll(step_fn, p, state, batches)
-        return objective(p, final)[0]
-
-    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    value = jax.jit(lambda p: meta_loss(step_fn, objective, p, state, batches))
     grad = jax.flatten_util.ravel_pytree(result.grad)[0]
     assert float(jnp.abs(grad).max()) > 1e-6
-    eps = 1e-6
-    for i in range(flat.size):  # every coordinate: theta (4) and the bias
-        e = jnp.zeros_like(flat).at[i].set(eps)
-        numeric = (value(unravel(flat + e)) - value(unravel(flat - e))) / (2 * eps)
-        np.testing.assert_allclose(grad[i], numeric, rtol=1e-5, atol=1e-10)
+    numeric = central_differences(value, params, eps=1e-6)  # every coordinate
+    np.testing.assert_allclose(grad, jax.flatten_util.ravel_pytree(numeric)[0], rtol=1e-5,
+                               atol=1e-10)
     loop = jax.jit(jax.grad(
         lambda p: python_loop_meta_loss(step_fn, objective, p, state, batches)))(params)
     np.testing.assert_allclose(jax.flatten_util.ravel_pytree(loop)[0], grad, rtol=1e-9,
