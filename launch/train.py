@@ -36,7 +36,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     try:  # before anything touches JAX's devices
         distributed.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                        _PROCESS_ID.value)
+                                           _PROCESS_ID.value)
     except ConfigError as e:
         raise app.UsageError(str(e)) from None
     launch.quiet_library_logging()
