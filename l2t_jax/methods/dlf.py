@@ -336,13 +336,10 @@ def feature_teacher_plan(config: ml_collections.ConfigDict, splits: data.Splits,
     taught_start = None
     if episodes:
         episodic = build_episodic(config, splits, teacher)
-        start = None
-        if t.pretrain_steps:
-            start = teaching.pretrained_start(
-                episodic.model, episodic.tx, student_rng, splits, config.seed,
-                steps=t.pretrain_steps, batch_size=config.train.batch_size,
-                augment=config.data.augment, stats=teachers.initial_stats(splits.num_classes),
-                population=episodic.population)
+        start = teaching.configured_start(
+            config, splits, episodic.model, student_rng,
+            stats=teachers.initial_stats(splits.num_classes), population=episodic.population)
+        if start is not None:
             # The taught student is one, on one device; copied before the episodes
             # donate (and so delete) the start's buffers.
             taught_start = jax.device_get(episodic.population.first(start))

@@ -292,18 +292,21 @@ def pretrain_steps(config: ml_collections.ConfigDict) -> int:
 
 
 def configured_start(config: ml_collections.ConfigDict, splits: data.Splits, model: nn.Module,
-                     rng: jax.Array) -> engine.StudentState | None:
-    """The pre-trained start of the reported student (`pretrain_steps`), or None.
+                     rng: jax.Array, stats: Any = None,
+                     population: Population = SINGLE_STUDENT) -> engine.StudentState | None:
+    """The pre-trained start (`pretrain_steps`) of a config's students, or None.
 
-    Pre-trained with the student optimizer over the teacher's episode length, as the
-    L2T-DLF episodes' fixed start is (`pretrained_start`).
+    Pre-trained with the student optimizer over the teacher's episode length: the
+    L2T-DLF episodes' fixed start (a population of them) and, member 0 of the same rng,
+    the reported student of every method of the config.
     """
     steps = pretrain_steps(config)
     if not steps:
         return None
     tx = optimizers.make_inner_optimizer(config.optimizer, config.teacher.episode_steps)
     return pretrained_start(model, tx, rng, splits, config.seed, steps=steps,
-                            batch_size=config.train.batch_size, augment=config.data.augment)
+                            batch_size=config.train.batch_size, augment=config.data.augment,
+                            stats=stats, population=population)
 
 
 def student_teaching(config: ml_collections.ConfigDict, splits: data.Splits,
