@@ -10,6 +10,8 @@ import jax.numpy as jnp  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from l2t_jax.engine import ModelOutput  # noqa: E402
+
 
 def loss_axis_scale(values) -> str:
     """``"log"`` for positive losses; ``"symlog"`` when any is <= 0 (a learned loss, e.g.
@@ -118,8 +120,9 @@ def _plot_loss_vs_p_true(ax, teacher, params: dict, states: list[tuple[int, np.n
     probs[:, 0] = p_true
     logits = jnp.log(jnp.asarray(probs, jnp.float32))
     for step, s in states:
-        per_example = jax.vmap(lambda row, s=s: teacher.loss(
-            params, jnp.asarray(s), row[None], jnp.zeros(1, jnp.int32)))(logits)
+        per_example = jax.vmap(lambda row, s=s: teacher.student_loss(
+            params, jnp.asarray(s), ModelOutput(row[None]),
+            {"y": jnp.zeros(1, jnp.int32)}))(logits)
         ax.plot(p_true, per_example, label=f"step {step}")
     ax.plot(p_true, -np.log(p_true) * 0.25, "k:", label="CE / 4")
     ax.set(xlabel="p_y (rest spread evenly)", ylabel="loss", title="loss vs p_y")
@@ -127,8 +130,9 @@ def _plot_loss_vs_p_true(ax, teacher, params: dict, states: list[tuple[int, np.n
 
 
 def plot_weight_teacher(teacher, params: dict, states: list[tuple[int, np.ndarray]],
-                        path: str, title: str = "") -> None:
-    """Draws a `teachers.WeightTeacher`: its loss weights over the run and the loss vs p_y.
+                        path: str, title: str = "", loss_curve: bool = True) -> None:
+    """Draws a `teachers.WeightTeacher`: each loss weight over the run (one panel each,
+    the hand-set value dotted) and, for a family of the logits alone, the loss vs p_y.
 
     Args:
         teacher: the teacher's structure.
@@ -136,17 +140,21 @@ def plot_weight_teacher(teacher, params: dict, states: list[tuple[int, np.ndarra
         states: ``[(step, s_t)]``, e.g. from `dlf_states_from_metrics`.
         path: where to write the PNG.
         title: figure title.
+        loss_curve: add the loss-vs-p_y panel (only for families that read nothing but
+            the logits and labels; a distillation loss also reads the target model).
     """
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    panels = len(teacher.names) + int(loss_curve)
+    fig, axes = plt.subplots(1, panels, figsize=(3.2 * panels + 0.6, 3.4), squeeze=False)
+    axes = axes[0]
     steps = [step for step, _ in states]
     weights = [teacher.weights(params, jnp.asarray(s)) for _, s in states]
-    for name, initial in zip(teacher.names, teacher.initial):
-        left.plot(steps, [float(w[name]) for w in weights], "o-", label=name)
-        left.axhline(initial, ls=":", color="k")
-    left.set(xlabel="student step", ylabel="weight", title="learned weights (dotted: "
-             "hand-set)")
-    left.legend(fontsize=7)
-    _plot_loss_vs_p_true(right, teacher, params, states)
+    for ax, name, initial in zip(axes, teacher.names, teacher.initial):
+        ax.plot(steps, [float(w[name]) for w in weights], "o-", label="learned")
+        ax.axhline(initial, ls=":", color="k", label="hand-set")
+        ax.set(xlabel="student step", title=name)
+        ax.legend(fontsize=7)
+    if loss_curve:
+        _plot_loss_vs_p_true(axes[-1], teacher, params, states)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

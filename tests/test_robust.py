@@ -53,7 +53,9 @@ def test_untaught_gce_teacher_is_the_hand_set_loss_at_every_state():
     logits, labels = _batch(2)
     for features in (jnp.zeros(teachers.NUM_FEATURES), jnp.ones(teachers.NUM_FEATURES)):
         np.testing.assert_allclose(teacher.weights(params, features)["q"], 0.7, rtol=1e-6)
-        np.testing.assert_allclose(teacher.loss(params, features, logits, labels),
+        np.testing.assert_allclose(teacher.student_loss(params, features,
+                                                        engine.ModelOutput(logits),
+                                                        {"y": labels}),
                                    generalized_cross_entropy(0.7, logits, labels), rtol=1e-6)
 
 

@@ -8,6 +8,7 @@ the one line that makes a new method known to the driver, the launchers and
 # One line per method module (each registers its methods at import).
 from l2t_jax.methods import (
     ce,  # noqa: F401
+    distill,  # noqa: F401
     dlf,  # noqa: F401
     dln,  # noqa: F401
     robust,  # noqa: F401

@@ -2,7 +2,7 @@
 
 The teacher maps student-state features s_t (`teachers.student_features`) to the
 parameters of a loss family: the bilinear sigmoid loss here (`teachers.DLFTeacher`);
-any teacher with the same ``init`` / ``loss`` / ``num_classes`` interface is trained
+any teacher with the same ``init`` / ``student_loss`` / ``num_classes`` interface is trained
 the same way (``l2t-gce`` in `methods.robust` is one). Two ways to train it, combinable:
 
 * episodes (`EpisodicTeacherTraining`, phase ``teacher``): restart a student from the
@@ -50,7 +50,8 @@ def make_dlf_loss_fn(teacher: Any, total_steps: int,
     """The student's loss under a state-feature teacher, reading s_t from the state and batch.
 
     Args:
-        teacher: the teacher's structure (``teacher.loss(params, s_t, logits, labels)``).
+        teacher: the teacher's structure
+            (``teacher.student_loss(params, s_t, output, batch)``).
         total_steps: the training length the iteration-fraction feature refers to.
         features_grad: let gradients flow through s_t (the demo stops them).
 
@@ -64,7 +65,7 @@ def make_dlf_loss_fn(teacher: Any, total_steps: int,
         )
         if not features_grad:
             features = jax.lax.stop_gradient(features)
-        return teacher.loss(teacher_params, features, output.logits, batch["y"])
+        return teacher.student_loss(teacher_params, features, output, batch)
 
     return loss_fn
 
@@ -80,6 +81,7 @@ class EpisodeState:
         teacher_opt_state: their optimizer state.
         episode: int32, episodes done.
         rng: PRNG key of the ``"fresh"`` restarts.
+        target_variables: the frozen target model's variables (distillation), or None.
     """
 
     start: engine.StudentState
@@ -87,6 +89,7 @@ class EpisodeState:
     teacher_opt_state: Any
     episode: jax.Array
     rng: jax.Array
+    target_variables: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +114,8 @@ class EpisodicTeacherTraining:
         augment: augmentation kind.
         feature_dev_size: dev examples the dev-error feature reads.
         population: students per episode and their mesh (default: one student).
+        activations, target_model, target_activations: what the loss reads besides the
+            logits, as in `teaching.Teaching` (distillation: `teaching.TargetRun`).
     """
 
     model: nn.Module
@@ -125,22 +130,29 @@ class EpisodicTeacherTraining:
     augment: str = "none"
     feature_dev_size: int = 512
     population: Population = SINGLE_STUDENT
+    activations: tuple[str, ...] = ()
+    target_model: nn.Module | None = None
+    target_activations: tuple[str, ...] = ()
 
     def _teaching(self, loss_fn) -> Teaching:
         """The same student step and batches as the teaching phase (one place)."""
         return Teaching(self.model, self.tx, loss_fn, self.augment, self.steps_per_call,
                         self.batch_size, self.stats_builder,
                         teachers.initial_stats(self.teacher.num_classes),
-                        feature_dev_size=self.feature_dev_size)
+                        feature_dev_size=self.feature_dev_size,
+                        activations=self.activations, target_model=self.target_model,
+                        target_activations=self.target_activations)
 
     def init(self, rng: jax.Array, splits: data.Splits,
-             start: engine.StudentState | None = None) -> EpisodeState:
+             start: engine.StudentState | None = None,
+             target_variables: Any = None) -> EpisodeState:
         """The untaught teacher and the episodes' start(s).
 
         Args:
             rng: PRNG key of the teacher (and of the default start).
             splits: the data.
             start: the fixed start (`teaching.pretrained_start`); default: a fresh student.
+            target_variables: the target model's variables, when the loss reads one.
         """
         teacher_rng, student_rng, rng = jax.random.split(rng, 3)
         params = self.teacher.init(teacher_rng)
@@ -148,7 +160,8 @@ class EpisodicTeacherTraining:
             start = self._student_init(student_rng, splits.train.x[:1])
         start, shared = self.population.place(start, {
             "teacher_params": params, "teacher_opt_state": self.update.tx.init(params),
-            "episode": jax.numpy.zeros((), jax.numpy.int32), "rng": rng})
+            "episode": jax.numpy.zeros((), jax.numpy.int32), "rng": rng,
+            "target_variables": target_variables})
         return EpisodeState(start=start, **shared)
 
     def _student_init(self, rng: jax.Array, sample_x) -> engine.StudentState:
@@ -174,7 +187,7 @@ class EpisodicTeacherTraining:
         objective averaged over them; the inner metrics are (P, T).
         """
         loss_fn = make_dlf_loss_fn(self.teacher, self.steps_per_call, self.features_grad)
-        step_fn = self._teaching(loss_fn).step_fn(batches)
+        step_fn = self._teaching(loss_fn).step_fn(batches, state.target_variables)
         start = state.start
         if self.restart == "fresh":
             start = self._student_init(
@@ -277,8 +290,10 @@ def stats_builder(config: ml_collections.ConfigDict, model: nn.Module) -> StatsB
 
 
 def build_episodic(config: ml_collections.ConfigDict, splits: data.Splits,
-                   teacher: Any) -> EpisodicTeacherTraining:
-    """The episodic teacher-training phase's loop from ``config.teacher``."""
+                   teacher: Any, target: teaching.TargetRun | None = None
+                   ) -> EpisodicTeacherTraining:
+    """The episodic teacher-training phase's loop from ``config.teacher`` (with the
+    target model the loss reads, if any)."""
     model = students.build_student(config.student, splits.num_classes)
     t = config.teacher
     return EpisodicTeacherTraining(
@@ -294,12 +309,15 @@ def build_episodic(config: ml_collections.ConfigDict, splits: data.Splits,
         augment=config.data.augment,
         feature_dev_size=t.feature_dev_size,
         population=teaching.build_population(config, "teacher", config.train.batch_size),
+        **({} if target is None else target.fields()),
     )
 
 
 def build_taught_student(config: ml_collections.ConfigDict, splits: data.Splits,
-                         teacher: Any, taught: bool) -> Teaching:
-    """The reported student's loop under the teacher (learning online when asked)."""
+                         teacher: Any, taught: bool,
+                         target: teaching.TargetRun | None = None) -> Teaching:
+    """The reported student's loop under the teacher (learning online when asked), with
+    the target model the loss reads, if any."""
     t = config.teacher
     online = taught and t.teach_online
     model = students.build_student(config.student, splits.num_classes)
@@ -311,11 +329,13 @@ def build_taught_student(config: ml_collections.ConfigDict, splits: data.Splits,
         initial_stats=teachers.initial_stats(splits.num_classes),
         teacher_update=teaching.teacher_update(config, "teacher") if online else None,
         feature_dev_size=t.feature_dev_size,
+        **({} if target is None else target.fields()),
     )
 
 
 def feature_teacher_plan(config: ml_collections.ConfigDict, splits: data.Splits,
-                         rng: jax.Array, teacher: Any, taught: bool) -> base.Plan:
+                         rng: jax.Array, teacher: Any, taught: bool,
+                         target: teaching.TargetRun | None = None) -> base.Plan:
     """A state-feature teacher method: the teacher's episodes (if taught and asked for),
     then the reported student under the teacher (taught online if asked for).
 
@@ -325,6 +345,7 @@ def feature_teacher_plan(config: ml_collections.ConfigDict, splits: data.Splits,
         rng: the run's PRNG key.
         teacher: the teacher's structure (`teachers.DLFTeacher`, `teachers.WeightTeacher`).
         taught: whether the teacher learns; False: the loss at its untaught parameters.
+        target: the target model the loss reads (distillation); its phase runs first.
 
     Returns:
         The plan; its finish writes the final teacher parameters (`TEACHER_PARAMS_FILE`).
@@ -332,10 +353,10 @@ def feature_teacher_plan(config: ml_collections.ConfigDict, splits: data.Splits,
     teacher_rng, student_rng = jax.random.split(rng)
     t = config.teacher
     episodes = taught and t.num_episodes > 0
-    phases = []
+    phases = [] if target is None else [target.phase]
     taught_start = None
     if episodes:
-        episodic = build_episodic(config, splits, teacher)
+        episodic = build_episodic(config, splits, teacher, target)
         start = teaching.configured_start(
             config, splits, episodic.model, student_rng,
             stats=teachers.initial_stats(splits.num_classes), population=episodic.population)
@@ -347,7 +368,10 @@ def feature_teacher_plan(config: ml_collections.ConfigDict, splits: data.Splits,
             TEACHER_DIR, episodic,
             base.Schedule(t.num_episodes * t.episode_steps, eval_every=0,
                           checkpoint_every=t.checkpoint_every * t.episode_steps),
-            lambda finished: episodic.init(teacher_rng, splits, start), "teacher"))
+            lambda finished: episodic.init(
+                teacher_rng, splits, start,
+                None if target is None else target.variables(finished)),
+            "teacher"))
 
     def loss_params(finished):
         if episodes:
@@ -356,9 +380,10 @@ def feature_teacher_plan(config: ml_collections.ConfigDict, splits: data.Splits,
             return jax.device_get(finished[TEACHER_DIR].teacher_params)
         return teacher.init(teacher_rng)
 
-    student = build_taught_student(config, splits, teacher, taught)
+    student = build_taught_student(config, splits, teacher, taught, target)
     phases.append(teaching.student_phase(config, splits, student, student_rng, loss_params,
-                                         start=taught_start, nonfinite_section="teacher"))
+                                         start=taught_start, nonfinite_section="teacher",
+                                         target=target))
 
     def finish(finished, workdir, summary):
         del summary

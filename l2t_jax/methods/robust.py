@@ -19,7 +19,7 @@ import ml_collections
 
 from l2t_jax import plots, teachers
 from l2t_jax.checkpoint import load_params
-from l2t_jax.losses import logits_loss
+from l2t_jax.losses import output_loss
 from l2t_jax.losses.robust import generalized_cross_entropy, symmetric_cross_entropy
 from l2t_jax.methods import base, dlf, teaching
 
@@ -30,19 +30,19 @@ def gce_checks(config: ml_collections.ConfigDict) -> list:
              "q -> 0 is cross-entropy)")]
 
 
-def _gce_family(weights, logits, labels):
-    return generalized_cross_entropy(weights["q"], logits, labels)
+def _gce_family(weights, output, batch):
+    return generalized_cross_entropy(weights["q"], output.logits, batch["y"])
 
 
-def _sce_family(weights, logits, labels):
+def _sce_family(weights, output, batch):
     return symmetric_cross_entropy(weights["alpha"], weights["beta"], weights["log_zero"],
-                                   logits, labels)
+                                   output.logits, batch["y"])
 
 
 def _hand_set(family, section: ml_collections.ConfigDict, config, splits, rng) -> base.Plan:
     """One phase: the student on `family` at the weights of a config section."""
     weights = {k: jnp.asarray(v, jnp.float32) for k, v in section.items()}
-    return teaching.fixed_loss_plan(config, splits, rng, logits_loss(family),
+    return teaching.fixed_loss_plan(config, splits, rng, output_loss(family),
                                     lambda _: weights)
 
 

@@ -240,6 +240,36 @@ class Teaching:
         return state.student
 
 
+@dataclasses.dataclass(frozen=True)
+class TargetRun:
+    """A target model a distillation loss reads, and the phase that trains it.
+
+    The target model is the network distilled from (the KD literature's "teacher"; in
+    this library a teacher is always a loss teacher). Its phase trains it with
+    cross-entropy, checkpointed and resumable in its own directory; a directory that
+    already holds the finished training (another run's target, or a ``kd-target`` run's
+    workdir) is restored and nothing is trained.
+
+    Attributes:
+        phase: the target's training phase (its loop a `Teaching`).
+        activations: the activations the loss reads in both networks (attention
+            transfer's stages); ``()`` for a loss of the logits.
+    """
+
+    phase: base.Phase
+    activations: tuple[str, ...] = ()
+
+    def fields(self) -> dict:
+        """The `Teaching` fields that put the target into a student's step."""
+        return dict(activations=self.activations, target_model=self.phase.loop.model,
+                    target_activations=self.activations)
+
+    def variables(self, finished: dict) -> PyTree:
+        """The trained target's variables, from the finished phases by name."""
+        target = finished[self.phase.name].student
+        return {"params": target.params, **target.model_state}
+
+
 def pretrained_start(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
                      splits: data.Splits, seed: int, *, steps: int, batch_size: int,
                      augment: str, stats: Any = None,
@@ -325,7 +355,8 @@ def student_phase(config: ml_collections.ConfigDict, splits: data.Splits,
                   teaching: Teaching, rng: jax.Array,
                   loss_params: Callable[[dict], PyTree], *,
                   start: engine.StudentState | None = None,
-                  nonfinite_section: str | None = None) -> base.Phase:
+                  nonfinite_section: str | None = None,
+                  target: TargetRun | None = None) -> base.Phase:
     """The phase that trains and reports the student (in the run's workdir).
 
     Args:
@@ -337,12 +368,15 @@ def student_phase(config: ml_collections.ConfigDict, splits: data.Splits,
             states (called when the phase starts).
         start: a pre-trained start; default `configured_start`.
         nonfinite_section: see `base.Phase`.
+        target: the target model the loss reads (its phase runs before this one).
     """
     if start is None:
         start = configured_start(config, splits, teaching.model, rng)
 
     def init(finished):
-        return teaching.init(rng, splits, loss_params(finished), start=start)
+        target_variables = None if target is None else target.variables(finished)
+        return teaching.init(rng, splits, loss_params(finished), start=start,
+                             target_variables=target_variables)
 
     return base.Phase("", teaching, base.student_schedule(config), init, nonfinite_section)
 

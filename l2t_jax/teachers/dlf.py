@@ -107,3 +107,8 @@ class DLFTeacher:
         """The student's loss under this teacher at state features s_t."""
         weight, bias, mix = self.loss_parameters(params, features)
         return mixed_loss(weight, bias, mix, self.bilinear_scale, logits, labels)
+
+    def student_loss(self, params: dict, features: jax.Array, output, batch: dict) -> jax.Array:
+        """`loss` on a student's `engine.ModelOutput` and its batch (the labels ``"y"``):
+        the interface the L2T-DLF machinery trains a teacher through."""
+        return self.loss(params, features, output.logits, batch["y"])

@@ -1,0 +1,122 @@
+r"""Offline distillation: KD, attention transfer, and their weights set by a loss teacher.
+
+Run (mnist1d, 1-D CNN target -> MLP student, 40% label noise; about a minute on 2 CPU
+cores, the target model trained first in WORKDIR/target):
+  python -m launch.train --config=configs/distill.py:mnist1d,noisy --workdir=/tmp/kd
+  ... --config.method=l2t-kd       # alpha and T set by a loss teacher
+  ... --config.method=kd-target    # the target model alone
+  ... --config.method=ce           # the student alone (results: "kd-student")
+Reuse a trained target model (a kd-target run, or another run's WORKDIR/target; trained
+there first if missing):  --config.target.workdir=/tmp/kd_target
+
+The argument after ':' is a comma-separated list: one setting and options.
+  settings: mnist1d (default; 1-D CNN target, MLP student: the MLP lacks the CNN's
+            translation bias, the gap KD closes), mnist_5k (WRN-16-2 target, WRN-10-1
+            student, or a cheap-convolution student: --config.student.conv=dconv etc.),
+            cifar10 / cifar100 (the papers' setting, for a GPU: WRN-40-2 target, WRN-16-1
+            student, SGD 0.1 momentum 0.9, wd 5e-4, 200 epochs, lr x0.2 at 60 / 120 /
+            160, batch 128), fake_cifar10 (that setting on random data, a few steps)
+  options:  noisy (40% symmetric noise on the training labels, the target trained on the
+            same labels), moonshine (the student is the target's own architecture with
+            cheap blocks, config.student.conv, default dconv: Crowley et al. 2018),
+            smoke (seconds; for tests)
+
+Methods (`--config.method`): kd-target, kd, at, at-kd (AT needs a student with feature
+maps: not the MLP), l2t-kd, l2t-at, l2t-at-kd, and any method of the library (ce).
+Defaults: `../shared/specs/distillation.md`: KD T = 4, alpha = 0.9 (KL per example,
+summed over classes, averaged over the batch, times T^2); AT beta = 1e3 at the end of each
+residual group. The loss teachers map the student-state features of L2T-DLF (iteration
+fraction, minibatch error, running train loss, dev error) to each weight within its range
+(alpha in (0, 1), T in `distill.temperature_range`, each beta in `distill.beta_range`),
+starting at the hand-set values, and learn online: every 50 student steps, from the exact
+meta-gradient of the smoothed dev error through those steps (`config.teacher`, as
+configs/l2t_dlf.py; `teacher.num_episodes > 0` adds episodes before the reported run).
+
+Names: `config.target` is the network distilled from (the KD literature's "teacher");
+`config.teacher` is always the loss teacher, which sets the loss's weights.
+"""
+
+import ml_collections
+
+from configs import l2t_dlf
+
+SETTINGS = ("mnist1d", "mnist_5k", "cifar10", "cifar100", "fake_cifar10")
+OPTIONS = ("noisy", "moonshine", "smoke")
+# The papers' CIFAR schedule in steps: 45,000 training images (5,000 kept for dev) in
+# batches of 128 are 352 steps an epoch.
+_CIFAR_EPOCH = 352
+
+
+def _wrn(depth: int, widen_factor: int) -> dict:
+    return dict(name="wrn", depth=depth, widen_factor=widen_factor, dropout_rate=0.0)
+
+
+def get_config(arg: str = "mnist1d") -> ml_collections.ConfigDict:
+    """The distillation config; `arg` as in the module docstring."""
+    tokens = [t for t in arg.split(",") if t]
+    unknown = [t for t in tokens if t not in SETTINGS + OPTIONS]
+    settings = [t for t in tokens if t in SETTINGS]
+    if unknown or len(settings) > 1:
+        raise ValueError(f"configs/distill.py takes one of {SETTINGS} and options "
+                         f"{OPTIONS}, got {arg!r}")
+    setting = settings[0] if settings else "mnist1d"
+    config = l2t_dlf.get_config(",".join([setting] + [t for t in tokens if t == "noisy"]))
+    config.method = "kd"
+    config.student = ml_collections.ConfigDict(dict(config.student))
+    config.student.conv = "conv"
+    config.target = ml_collections.ConfigDict(dict(
+        model=ml_collections.ConfigDict(dict(config.student)),
+        num_steps=0,        # set below: the target's training length
+        workdir="",         # a finished target run to restore; "" = WORKDIR/target
+    ))
+    config.distill = ml_collections.ConfigDict(dict(
+        alpha=0.9,
+        temperature=4.0,
+        beta=1e3,
+        stages=("group_1", "group_2", "group_3"),
+        temperature_range=(1.0, 10.0),  # what a loss teacher may set
+        beta_range=(0.0, 1e4),
+    ))
+    # The loss teachers learn online while the reported student trains.
+    config.teacher.update(num_episodes=0, teach_online=True, online_window=50,
+                          restart="fresh", pretrain_steps=0, optimizer="adam",
+                          learning_rate=0.03)
+    config.engine.update(estimator="truncated", window=50)
+
+    if setting == "mnist1d":
+        config.student.update(name="mlp", hidden=(100, 100), activation="relu")
+        config.target.model.update(name="cnn1d", channels=25)
+        config.optimizer.update(name="adam", learning_rate=0.003)
+        config.train.update(num_steps=3000, batch_size=100, log_every=50, eval_every=100,
+                            checkpoint_every=500)
+    elif setting == "mnist_5k":
+        config.student.update(_wrn(10, 1))
+        config.target.model.update(_wrn(16, 2))
+        config.optimizer.update(name="momentum", learning_rate=0.05, weight_decay=5e-4)
+        config.train.update(num_steps=1500, batch_size=64, log_every=50, eval_every=100,
+                            checkpoint_every=500)
+    else:  # the papers' CIFAR setting (AT paper, Moonshine): WRN-40-2 -> WRN-16-1
+        config.student.update(_wrn(16, 1))
+        config.target.model.update(_wrn(40, 2))
+        epochs = 200
+        config.optimizer.update(
+            name="momentum", learning_rate=0.1, weight_decay=5e-4, schedule="step",
+            boundaries=tuple(e * _CIFAR_EPOCH for e in (60, 120, 160)), decay_factor=0.2)
+        config.train.update(num_steps=epochs * _CIFAR_EPOCH, batch_size=128, log_every=50,
+                            eval_every=_CIFAR_EPOCH * 2, checkpoint_every=_CIFAR_EPOCH * 2)
+        config.engine.remat = "sqrt"
+    config.target.num_steps = config.train.num_steps
+
+    if "moonshine" in tokens:
+        config.student = ml_collections.ConfigDict(dict(config.target.model))
+        config.student.conv = "dconv"
+    if "smoke" in tokens:
+        config.train.update(num_steps=20, log_every=10, eval_every=10, checkpoint_every=10,
+                            batch_size=min(config.train.batch_size, 16))
+        config.target.num_steps = 20
+        config.teacher.online_window = 10
+        config.engine.window = 10
+        if setting in ("cifar10", "cifar100", "fake_cifar10"):
+            config.student.update(_wrn(10, 1))
+            config.target.model.update(_wrn(10, 2))
+    return config

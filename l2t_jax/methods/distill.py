@@ -1,0 +1,264 @@
+"""Offline distillation: a student trained against a frozen *target model*.
+
+The target model is the network distilled from (the KD literature's "teacher"): trained
+by cross-entropy, frozen, and run inside the student's step on the same augmented batch
+(`engine.TargetModel`). In this library a *teacher* is always a loss teacher: the
+``l2t-*`` methods below let one set the distillation loss's hand-set weights from the
+student's state, trained by exact meta-gradients as L2T-DLF's teacher. Config sections:
+``target`` (the target model), ``distill`` (the loss's hand-set weights), ``teacher``
+(the loss teacher, as in `configs/l2t_dlf.py`).
+
+* ``kd-target``: the target model alone (CE; its run directory is a target that other
+  runs restore through ``config.target.workdir``).
+* ``kd``: Hinton KD, ``(1 - alpha) CE + alpha T^2 KL(p_target^T || p^T)``.
+* ``at``: CE + attention transfer, ``beta`` at each stage of ``config.distill.stages``.
+* ``at-kd``: KD + attention transfer.
+* ``l2t-kd``, ``l2t-at``, ``l2t-at-kd``: the same losses with their weights (alpha and
+  T; the betas) set by a loss teacher (`teachers.WeightTeacher`), starting at the
+  hand-set values.
+
+The target model comes from ``config.target.workdir`` when that directory holds its
+finished training; otherwise the run trains it first, as its own resumable phase, in
+that directory (``<workdir>/target`` when the field is empty), and says so.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+
+from l2t_jax import optimizers, plots, students, teachers
+from l2t_jax.checkpoint import load_params
+from l2t_jax.losses import cross_entropy_loss, mean_cross_entropy, output_loss
+from l2t_jax.losses.distill import attention_transfer, kd_loss
+from l2t_jax.methods import base, dlf, teaching
+
+TARGET_DIR = "target"
+# The target model's key is folded out of the run's, so that the target trained inside
+# a distillation run is the `kd-target` run of the same seed.
+_TARGET_KEY = 1
+_STUDENTS_WITHOUT_FEATURE_MAPS = ("mlp",)
+
+
+def uses_kd(method: str) -> bool:
+    """Whether the method's loss has the KD term."""
+    return method.removeprefix("l2t-") in ("kd", "at-kd")
+
+
+def uses_at(method: str) -> bool:
+    """Whether the method's loss has attention-transfer terms."""
+    return method.removeprefix("l2t-") in ("at", "at-kd")
+
+
+def distillation_family(kd: bool, stages: tuple[str, ...]):
+    """The loss ``family(weights, output, batch)`` of a distillation method.
+
+    CE, or KD (`losses.distill.kd_loss`: weights ``alpha``, ``temperature``) when `kd`,
+    plus ``beta_<stage> * mean((q_s - q_t)^2)`` per attention-transfer stage; the
+    target model's output is ``batch["target"]``.
+    """
+
+    def family(weights, output, batch):
+        target = batch["target"]
+        if kd:
+            loss = kd_loss(weights["alpha"], weights["temperature"], output.logits,
+                           target.logits, batch["y"])
+        else:
+            loss = mean_cross_entropy(output.logits, batch["y"])
+        if stages:
+            betas = {stage: weights[f"beta_{stage}"] for stage in stages}
+            loss = loss + attention_transfer(betas, output.activations, target.activations)
+        return loss
+
+    return family
+
+
+def hand_set_weights(config: ml_collections.ConfigDict) -> dict[str, float]:
+    """The method's hand-set weights by name, from ``config.distill``."""
+    d = config.distill
+    weights = {}
+    if uses_kd(config.method):
+        weights.update(alpha=d.alpha, temperature=d.temperature)
+    if uses_at(config.method):
+        weights.update({f"beta_{stage}": d.beta for stage in d.stages})
+    return weights
+
+
+def loss_teacher(config: ml_collections.ConfigDict, num_classes: int) -> teachers.WeightTeacher:
+    """The loss teacher of an ``l2t-*`` distillation method: each weight in its bounds
+    (alpha in (0, 1), T and the betas in ``config.distill``'s ranges), starting at the
+    hand-set value."""
+    d = config.distill
+    bounds = {"alpha": (0.0, 1.0), "temperature": tuple(d.temperature_range)}
+    weights = hand_set_weights(config)
+    ranges = [bounds.get(name, tuple(d.beta_range)) for name in weights]
+    stages = tuple(d.stages) if uses_at(config.method) else ()
+    return teachers.WeightTeacher(distillation_family(uses_kd(config.method), stages),
+                                  tuple(weights), tuple(weights.values()), tuple(ranges),
+                                  num_classes, teachers.NUM_FEATURES)
+
+
+def target_run(config: ml_collections.ConfigDict, splits, rng: jax.Array,
+               name: str | None = None) -> teaching.TargetRun:
+    """The target model and its training phase (CE, ``config.target``'s schedule).
+
+    Args:
+        config: the experiment config.
+        splits: the data (the same labels as the student's, noisy ones included).
+        rng: the run's PRNG key.
+        name: the phase's directory; default ``config.target.workdir`` (absolute), or
+            ``TARGET_DIR`` under the run's workdir when that is empty.
+
+    Returns:
+        The `teaching.TargetRun`, reading ``config.distill.stages`` when the method has
+        attention transfer.
+    """
+    t = config.target
+    if name is None:
+        name = os.path.abspath(t.workdir) if t.workdir else TARGET_DIR
+    model = students.build_student(t.model, splits.num_classes)
+    loop = teaching.student_teaching(
+        config, splits, cross_entropy_loss, model=model,
+        tx=optimizers.make_inner_optimizer(config.optimizer, t.num_steps))
+    schedule = base.Schedule(t.num_steps, config.train.eval_every,
+                             config.train.checkpoint_every, config.train.eval_batch_size)
+    key = jax.random.fold_in(rng, _TARGET_KEY)
+
+    def init(finished):
+        del finished
+        if name == TARGET_DIR:
+            logging.info("target model (%s): trained first in the run's %r directory, "
+                         "resumed there if interrupted", t.model.name, TARGET_DIR)
+        elif name and not os.path.isdir(os.path.join(name, "checkpoints")):
+            logging.info("no trained target model in %s: training it there first (%s, "
+                         "%d steps)", name, t.model.name, t.num_steps)
+        return loop.init(key, splits)
+
+    phase = base.Phase(name, loop, schedule, init)
+    stages = tuple(config.distill.stages) if uses_at(config.method) else ()
+    return teaching.TargetRun(phase, stages)
+
+
+def build_target(config, splits, rng) -> base.Plan:
+    """``kd-target``: the target model's training as the reported run."""
+    return base.Plan((target_run(config, splits, rng, name="").phase,))
+
+
+def build_hand_set(config, splits, rng) -> base.Plan:
+    """The target's phase, then the student on the loss at ``config.distill``'s weights."""
+    target = target_run(config, splits, rng)
+    stages = target.activations
+    weights = {k: jnp.asarray(v, jnp.float32) for k, v in hand_set_weights(config).items()}
+    loss_fn = output_loss(distillation_family(uses_kd(config.method), stages))
+    _, student_rng = jax.random.split(rng)
+    student = teaching.student_teaching(config, splits, loss_fn, **target.fields())
+    phase = teaching.student_phase(config, splits, student, student_rng,
+                                   lambda finished: weights, target=target)
+    return base.Plan((target.phase, phase))
+
+
+def build_taught(config, splits, rng) -> base.Plan:
+    """The target's phase, then L2T-DLF's plan with the distillation loss teacher."""
+    return dlf.feature_teacher_plan(config, splits, rng,
+                                    loss_teacher(config, splits.num_classes), taught=True,
+                                    target=target_run(config, splits, rng))
+
+
+def draw_weights(config, workdir: str, records: list[dict], summary: dict) -> list[str]:
+    """``distill_weights.png``: the loss teacher's weights over the run (dotted: hand-set)."""
+    params_path = os.path.join(workdir, dlf.TEACHER_PARAMS_FILE)
+    if not os.path.exists(params_path) or "num_classes" not in summary:
+        return []
+    num_classes = summary["num_classes"]
+    states = plots.dlf_states_from_metrics(records, config.train.num_steps, num_classes)
+    path = os.path.join(workdir, "distill_weights.png")
+    plots.plot_weight_teacher(loss_teacher(config, num_classes), load_params(params_path),
+                              states, path, plots.run_title(summary), loss_curve=False)
+    return [path]
+
+
+def target_checks(config: ml_collections.ConfigDict) -> list:
+    """The ``(ok, message)`` checks of ``config.target``."""
+    t = config.target
+    return [
+        ("name" in t.model, "config.target.model needs a name (a student network, e.g. "
+         "cnn1d or wrn)"),
+        (t.num_steps >= 1 and t.num_steps % config.train.log_every == 0,
+         f"config.target.num_steps must be a positive multiple of config.train.log_every "
+         f"({config.train.log_every})"),
+    ]
+
+
+def distill_checks(config: ml_collections.ConfigDict) -> list:
+    """The ``(ok, message)`` checks of ``config.distill`` for the configured method."""
+    d = config.distill
+    checks = []
+    if uses_kd(config.method):
+        checks += [(0.0 <= d.alpha <= 1.0, "config.distill.alpha must be in [0, 1]"),
+                   (d.temperature > 0, "config.distill.temperature must be > 0")]
+    if uses_at(config.method):
+        checks += [
+            (len(d.stages) > 0, "config.distill.stages must name at least one activation "
+             "(e.g. group_1, group_2, group_3 of a WRN / ResNet)"),
+            (d.beta >= 0, "config.distill.beta must be >= 0"),
+            (config.student.name not in _STUDENTS_WITHOUT_FEATURE_MAPS,
+             f"{config.method} needs a student with feature maps; {config.student.name!r} "
+             "has none (use kd / l2t-kd, or a convolutional config.student)"),
+        ]
+    if config.method.startswith("l2t-"):
+        low, high = d.temperature_range
+        beta_low, beta_high = d.beta_range
+        checks += [
+            (not uses_kd(config.method) or (0 < d.alpha < 1 and low < d.temperature < high),
+             f"{config.method} needs 0 < config.distill.alpha < 1 and "
+             f"config.distill.temperature inside config.distill.temperature_range "
+             f"{tuple(d.temperature_range)}"),
+            (not uses_at(config.method) or beta_low < d.beta < beta_high,
+             f"{config.method} needs config.distill.beta inside config.distill.beta_range "
+             f"{tuple(d.beta_range)}"),
+        ]
+    return checks
+
+
+def validate_hand_set(config: ml_collections.ConfigDict) -> None:
+    base.check_fields(target_checks(config) + distill_checks(config))
+
+
+def validate_taught(config: ml_collections.ConfigDict) -> None:
+    base.check_fields(target_checks(config))
+    dlf.validate_teaching(config, config.method, config.method.removeprefix("l2t-"),
+                          distill_checks(config))
+
+
+_LOSSES = {
+    "kd": "Hinton KD, (1 - alpha) CE + alpha T^2 KL to the target model (0.9, T = 4)",
+    "at": "CE + attention transfer to the target model's stage maps (beta 1e3 per stage)",
+    "at-kd": "KD + attention transfer",
+}
+_EXAMPLE = "configs/distill.py:mnist1d,noisy"
+_AT_EXAMPLE = "configs/distill.py:mnist_5k"
+
+base.register(
+    base.Method(
+        name="kd-target",
+        description="the target model alone (CE on config.target.model): what the "
+                    "distillation methods distill from",
+        example=_EXAMPLE, build=build_target, sections=("target",),
+        validate=lambda config: base.check_fields(target_checks(config))),
+    *(base.Method(name=name, description=description,
+                  example=_AT_EXAMPLE if uses_at(name) else _EXAMPLE,
+                  build=build_hand_set, sections=("target", "distill"),
+                  validate=validate_hand_set)
+      for name, description in _LOSSES.items()),
+    *(base.Method(name=f"l2t-{name}",
+                  description=f"{name} with its weights set by a loss teacher from the "
+                              "student's state, trained by exact meta-gradients",
+                  example=_AT_EXAMPLE if uses_at(name) else _EXAMPLE,
+                  build=build_taught, sections=("target", "distill", "teacher"),
+                  validate=validate_taught, draw=draw_weights)
+      for name in _LOSSES),
+)
