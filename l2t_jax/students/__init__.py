@@ -9,8 +9,15 @@ loss can ask for (`engine.student_output`; free when not asked for): the MLP's
 ``hidden_<i>`` (after each hidden layer's activation), LeNet-5's and the 1-D CNN's
 ``conv_<i>`` (after each convolution block), and the ResNets' and WRN's ``group_<g>``
 (g = 1, 2, 3: the output of each residual group, where attention transfer reads).
+
+The residual students (`wrn`, `resnet_he`, `resnet_wide`) take `config.student.conv`, the
+3x3 convolution of their blocks: "conv" (plain, the default) or one of Moonshine's cheap
+convolutions (Crowley et al. 2018; `cheap` lists them: "dconv", "dconv_g<N>",
+"dconv_a<N>", "b<M>", "g<N>b<M>", "a<N>b<M>", "dconv_b<M>"). `count_params` and
+`count_flops` measure a student's size and cost.
 """
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from l2t_jax.errors import ConfigError
-from l2t_jax.students import cnn1d, lenet, mlp, resnet, wrn
+from l2t_jax.students import cheap, cnn1d, lenet, mlp, resnet, wrn
 
 _BUILDERS: dict[str, Callable[[ml_collections.ConfigDict, int, Any], nn.Module]] = {
     "mlp": mlp.build,
@@ -43,15 +50,19 @@ def build_student(config: ml_collections.ConfigDict, num_classes: int) -> nn.Mod
         ("float32" or "float64", default "float32") sets every layer's parameter and
         computation dtype. Each student reads its own further fields, with defaults
         for missing ones: mlp (`hidden`, `activation`), lenet5 (`fc_hidden`,
-        `batch_norm`), resnet_he and resnet_wide (`depth`), wrn (`depth`,
-        `widen_factor`, `dropout_rate`), cnn1d (`channels`).
+        `batch_norm`), resnet_he and resnet_wide (`depth`, `conv`), wrn (`depth`,
+        `widen_factor`, `dropout_rate`, `conv`), cnn1d (`channels`). `conv` (default
+        "conv") names the residual blocks' 3x3 convolutions: "conv", or a cheap
+        convolution "dconv", "dconv_g<N>" (N channels per group), "dconv_a<N>" (N
+        groups), "b<M>", "g<N>b<M>", "a<N>b<M>" or "dconv_b<M>" (see `cheap`).
       num_classes: number of logits.
 
     Returns:
       An unbound Flax module with `__call__(x, train=False) -> logits`.
 
     Raises:
-      ConfigError: on an unknown name or dtype, or a field the student rejects.
+      ConfigError: on an unknown name or dtype, or a field the student rejects (e.g. a
+        `conv` that is unknown or does not divide the student's widths).
     """
     name = config.get("name")
     if name not in _BUILDERS:
@@ -80,4 +91,39 @@ def count_params(params: Any) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
 
 
-__all__ = ["STUDENT_NAMES", "build_student", "count_params"]
+def count_flops(model: nn.Module, variables: Any, x: Any, **apply_kwargs: Any) -> float:
+    """Counts XLA's floating-point operations of one forward pass, per example.
+
+    Compiles `model.apply(variables, x, **apply_kwargs)` (students default to eval mode,
+    `train=False`) for the default backend and reads the compiled program's cost
+    analysis, so everything XLA counts is in: convolutions and matmuls (a multiply-add
+    is 2 FLOPs), BatchNorm, activations, pooling. Grouped convolutions count 1 / groups
+    of the dense cost, and XLA leaves out the taps that fall on a convolution's zero
+    padding (a padded 3x3 on a 32x32 map counts (94 / 96)^2 of 9 multiply-adds per
+    output), so a network's count is somewhat below twice its textbook multiply-adds.
+    Nothing runs.
+
+    Args:
+      model: a Flax module.
+      variables: its variables; arrays or `jax.ShapeDtypeStruct`s (e.g. from
+        `jax.eval_shape(model.init, ...)`).
+      x: a batch of inputs, (B, ...); array or `jax.ShapeDtypeStruct`.
+      **apply_kwargs: further keyword arguments of `model.apply`.
+
+    Returns:
+      FLOPs of the whole batch divided by its size B.
+
+    Raises:
+      ValueError: if the backend reports no FLOP count.
+    """
+    forward = jax.jit(functools.partial(model.apply, **apply_kwargs))
+    costs = forward.lower(variables, x).compile().cost_analysis()
+    # A dict in recent JAX, a list of one dict per program in older versions.
+    if isinstance(costs, (list, tuple)):
+        costs = costs[0] if costs else None
+    if not costs or "flops" not in costs:
+        raise ValueError(f"the backend gave no FLOP count (cost analysis: {costs!r})")
+    return float(costs["flops"]) / x.shape[0]
+
+
+__all__ = ["STUDENT_NAMES", "build_student", "cheap", "count_flops", "count_params"]

@@ -12,6 +12,10 @@ Two families share one block and one body; they differ in widths, shortcut and p
 Convolutions have no bias (BatchNorm follows each) and He-normal fan-out kernels as in
 the reference PyTorch code (`_layers.conv_no_bias`); the classifier keeps Flax's Dense
 defaults (LeCun-normal kernels, zero bias).
+
+`config.student.conv` (default "conv") swaps both 3x3 convolutions of every basic block
+for one of Moonshine's cheap convolutions (`cheap`), as Moonshine's post-activation
+ResNet block does; the stem and the option-B shortcut's 1x1 conv stay full.
 """
 
 from typing import Any
@@ -22,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from l2t_jax.errors import ConfigError
+from l2t_jax.students import cheap
 from l2t_jax.students._layers import as_images, batch_norm, conv_no_bias
 
 
@@ -34,20 +39,22 @@ class BasicBlock(nn.Module):
       projection_shortcut: if the shape changes, project with 1x1 conv + BN (option B)
         instead of subsampling and zero-padding channels (option A).
       dtype: parameter and computation dtype.
+      conv: the 3x3 convolutions' `config.student.conv` string (`cheap`).
     """
 
     features: int
     strides: int
     projection_shortcut: bool
     dtype: Any = jnp.float32
+    conv: str = cheap.PLAIN
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         """Maps (B, H, W, C) to (B, H / strides, W / strides, features)."""
         norm = batch_norm(train, self.dtype)
-        y = conv_no_bias(self.features, 3, self.strides, self.dtype)(x)
+        y = cheap.conv3x3(self.conv, self.features, self.strides, self.dtype)(x, train)
         y = nn.relu(norm()(y))
-        y = conv_no_bias(self.features, 3, 1, self.dtype)(y)
+        y = cheap.conv3x3(self.conv, self.features, 1, self.dtype)(y, train)
         y = norm()(y)
         if self.strides != 1 or x.shape[-1] != self.features:
             if self.projection_shortcut:
@@ -75,6 +82,7 @@ class CifarResNet(nn.Module):
       pool_window: None for global average pooling, else the side of a non-overlapping
         average-pooling window whose output is flattened.
       dtype: parameter and computation dtype.
+      conv: the blocks' 3x3 convolutions' `config.student.conv` string (`cheap`).
     """
 
     num_classes: int
@@ -83,6 +91,7 @@ class CifarResNet(nn.Module):
     projection_shortcut: bool
     pool_window: int | None = None
     dtype: Any = jnp.float32
+    conv: str = cheap.PLAIN
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -96,9 +105,9 @@ class CifarResNet(nn.Module):
         for stage, width in enumerate(self.widths):
             for block in range(self.blocks_per_stage):
                 strides = 2 if stage > 0 and block == 0 else 1
-                x = BasicBlock(width, strides, self.projection_shortcut, self.dtype)(
-                    x, train
-                )
+                x = BasicBlock(
+                    width, strides, self.projection_shortcut, self.dtype, self.conv
+                )(x, train)
             self.sow("intermediates", f"group_{stage + 1}", x)
         if self.pool_window is None:
             x = jnp.mean(x, axis=(1, 2))
@@ -138,14 +147,28 @@ def _build(
     num_classes: int,
     dtype: Any,
 ) -> CifarResNet:
-    """Builds a `CifarResNet` of depth `config.depth` (default 20) for one family."""
+    """Builds a `CifarResNet` of depth `config.depth` (default 20) for one family.
+
+    Also reads `config.conv` (default "conv"); raises `ConfigError` on a bad one.
+    """
+    depth = int(config.get("depth", 20))
+    blocks_per_stage = _blocks_per_stage(name, depth)
+    conv = cheap.from_config(
+        config,
+        f"{name}-{depth}",
+        # The stem has widths[0] channels; each stage's first block maps the previous
+        # width to its own, every second conv and every later block keep it.
+        [(c_in, c_out) for c_in, c_out in zip((widths[0], *widths), widths)]
+        + [(c_out, c_out) for c_out in widths],
+    )
     return CifarResNet(
         num_classes=num_classes,
-        blocks_per_stage=_blocks_per_stage(name, int(config.get("depth", 20))),
+        blocks_per_stage=blocks_per_stage,
         widths=widths,
         projection_shortcut=projection_shortcut,
         pool_window=pool_window,
         dtype=dtype,
+        conv=conv,
     )
 
 
@@ -155,12 +178,17 @@ def build_he(
     """Builds He et al.'s CIFAR ResNet of depth `config.depth` (default 20).
 
     Args:
-      config: student config.
+      config: student config; also reads `conv` (default "conv": plain 3x3
+        convolutions; see `cheap` for the others).
       num_classes: number of logits.
       dtype: parameter and computation dtype.
 
     Returns:
       The module.
+
+    Raises:
+      ConfigError: on a depth that is not 6n + 2, or a conv string that is unknown or
+        does not divide the widths.
     """
     return _build("resnet_he", (16, 32, 64), False, None, config, num_classes, dtype)
 
@@ -171,11 +199,16 @@ def build_wide(
     """Builds the L2T-DLN wide CIFAR ResNet of depth `config.depth` (default 20).
 
     Args:
-      config: student config.
+      config: student config; also reads `conv` (default "conv": plain 3x3
+        convolutions; see `cheap` for the others).
       num_classes: number of logits.
       dtype: parameter and computation dtype.
 
     Returns:
       The module.
+
+    Raises:
+      ConfigError: on a depth that is not 6n + 2, or a conv string that is unknown or
+        does not divide the widths.
     """
     return _build("resnet_wide", (64, 128, 256), True, 4, config, num_classes, dtype)

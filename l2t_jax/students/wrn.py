@@ -6,6 +6,11 @@ BN-ReLU, global average pooling and a linear read-out. A 1x1 conv shortcut on th
 pre-activated input is used where the shape changes. Convolutions have no bias and
 He-normal fan-out kernels as in the reference PyTorch code; the classifier keeps Flax's
 Dense defaults (LeCun-normal kernels, zero bias).
+
+`config.student.conv` (default "conv") swaps every block's two 3x3 convolutions for one
+of Moonshine's cheap convolutions (`cheap`); the stem and the 1x1 shortcuts stay full, as
+in the Moonshine code. With "conv" this is the Moonshine code's WRN, layer for layer (same
+parameter counts).
 """
 
 from typing import Any
@@ -16,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from l2t_jax.errors import ConfigError
+from l2t_jax.students import cheap
 from l2t_jax.students._layers import as_images, batch_norm, conv_no_bias
 
 
@@ -27,12 +33,14 @@ class PreActBlock(nn.Module):
       strides: stride of the first conv (and of the shortcut).
       dropout_rate: dropout probability; > 0 needs a 'dropout' rng when training.
       dtype: parameter and computation dtype.
+      conv: the 3x3 convolutions' `config.student.conv` string (`cheap`).
     """
 
     features: int
     strides: int
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
+    conv: str = cheap.PLAIN
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -42,10 +50,10 @@ class PreActBlock(nn.Module):
         if self.strides != 1 or x.shape[-1] != self.features:
             # As in the reference code, the projection reads the pre-activated input.
             x = conv_no_bias(self.features, 1, self.strides, self.dtype)(y)
-        y = conv_no_bias(self.features, 3, self.strides, self.dtype)(y)
+        y = cheap.conv3x3(self.conv, self.features, self.strides, self.dtype)(y, train)
         y = nn.relu(norm()(y))
         y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
-        y = conv_no_bias(self.features, 3, 1, self.dtype)(y)
+        y = cheap.conv3x3(self.conv, self.features, 1, self.dtype)(y, train)
         return x + y
 
 
@@ -58,6 +66,7 @@ class WideResNet(nn.Module):
       widen_factor: k; stage widths are 16k, 32k, 64k.
       dropout_rate: dropout probability inside every block.
       dtype: parameter and computation dtype.
+      conv: the blocks' 3x3 convolutions' `config.student.conv` string (`cheap`).
     """
 
     num_classes: int
@@ -65,6 +74,7 @@ class WideResNet(nn.Module):
     widen_factor: int = 1
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
+    conv: str = cheap.PLAIN
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -79,7 +89,11 @@ class WideResNet(nn.Module):
             for block in range(self.blocks_per_stage):
                 strides = 2 if stage > 0 and block == 0 else 1
                 x = PreActBlock(
-                    width * self.widen_factor, strides, self.dropout_rate, self.dtype
+                    width * self.widen_factor,
+                    strides,
+                    self.dropout_rate,
+                    self.dtype,
+                    self.conv,
                 )(x, train)
             self.sow("intermediates", f"group_{stage + 1}", x)
         x = nn.relu(batch_norm(train, self.dtype)()(x))
@@ -93,7 +107,8 @@ def build(
     """Builds WRN-`config.depth`-`config.widen_factor` (defaults 16 and 1).
 
     Args:
-      config: student config; also reads `dropout_rate` (default 0.0).
+      config: student config; also reads `dropout_rate` (default 0.0) and `conv`
+        (default "conv": plain 3x3 convolutions; see `cheap` for the others).
       num_classes: number of logits.
       dtype: parameter and computation dtype.
 
@@ -101,8 +116,9 @@ def build(
       The module.
 
     Raises:
-      ConfigError: on a depth that is not 6n + 4, a widen factor below 1 or a dropout
-        rate outside [0, 1).
+      ConfigError: on a depth that is not 6n + 4, a widen factor below 1, a dropout
+        rate outside [0, 1), or a conv string that is unknown or does not divide the
+        widths.
     """
     depth = int(config.get("depth", 16))
     widen_factor = int(config.get("widen_factor", 1))
@@ -122,10 +138,20 @@ def build(
             f"wrn dropout_rate {dropout_rate} is outside [0, 1) "
             "(config.student.dropout_rate); use e.g. 0.0 or 0.3"
         )
+    widths = [16] + [w * widen_factor for w in (16, 32, 64)]
+    conv = cheap.from_config(
+        config,
+        f"wrn-{depth}-{widen_factor}",
+        # Each stage's first block maps the previous width to its own; every second conv
+        # and every later block keep the stage's width.
+        [(c_in, c_out) for c_in, c_out in zip(widths, widths[1:])]
+        + [(c_out, c_out) for c_out in widths[1:]],
+    )
     return WideResNet(
         num_classes=num_classes,
         blocks_per_stage=(depth - 4) // 6,
         widen_factor=widen_factor,
         dropout_rate=dropout_rate,
         dtype=dtype,
+        conv=conv,
     )
