@@ -29,6 +29,12 @@ student, optimizer, step budget and dev selection:
   beta 1.0, A = -4) and ``l2t-gce`` (GCE with q set by a loss teacher trained as L2T-DLF's)
   in the L2T-DLF group; ``gce-long``, ``sce-long``, ``l2t-gce-long`` on the L2T-DLN
   group's student and schedule (the teacher online every 50 steps).
+* Offline distillation (configs/distill.py; the distillation settings, e.g. mnist1d: a
+  1-D CNN target model, an MLP student): ``kd-target`` (the target model alone),
+  ``kd-student`` (the student alone, CE), ``kd``, ``at``, ``at-kd`` (hand-set weights),
+  ``l2t-kd``, ``l2t-at``, ``l2t-at-kd`` (weights set by a loss teacher). Every run of a
+  seed distills from that seed's ``kd-target`` run (trained by whichever runs first);
+  records name the target model (``"target"``).
 * Online teaching over a full-length training (option ``online``: 10 episode lengths,
   teacher updated every 50 steps by truncated backprop, no episodes): ``ce-ol``,
   ``l2t-dlf-fixed-ol``, ``l2t-dlf-ol``.
@@ -57,7 +63,7 @@ import numpy as np
 from absl import app, flags, logging
 
 import launch
-from configs import l2t_dlf, l2t_dln, robust
+from configs import distill, l2t_dlf, l2t_dln, robust
 from l2t_jax import train
 
 # The taught warm DLN under the proper rule (scale preserved), and with the descent test.
@@ -113,7 +119,17 @@ METHODS = {
     "gce-long": (robust, ",long", "gce", {}),
     "sce-long": (robust, ",long", "sce", {}),
     "l2t-gce-long": (robust, ",long", "l2t-gce", {}),
+    "kd-target": (distill, "", "kd-target", {}),
+    "kd-student": (distill, "", "ce", {}),
+    "kd": (distill, "", "kd", {}),
+    "at": (distill, "", "at", {}),
+    "at-kd": (distill, "", "at-kd", {}),
+    "l2t-kd": (distill, "", "l2t-kd", {}),
+    "l2t-at": (distill, "", "l2t-at", {}),
+    "l2t-at-kd": (distill, "", "l2t-at-kd", {}),
 }
+# Distillation rows share one target model per (dataset, noise, seed): the kd-target run.
+TARGET_ROW = "kd-target"
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the individual runs live.")
 _DATASETS = flags.DEFINE_list("datasets", ["digits", "mnist_5k", "mnist1d"], "Dataset variants.")
@@ -178,6 +194,9 @@ def run_one(config, dataset: str, noise: float, method: str, seed: int) -> dict:
             return json.load(f)
     config = config.copy_and_resolve_references()
     config.seed = seed
+    if "target" in config and not config.target.workdir:
+        config.target.workdir = os.path.join(_WORKDIR.value, f"{dataset}_noise{noise}",
+                                             TARGET_ROW, f"s{seed}")
     logging.info("running %s noise %s %s seed %d", dataset, noise, method, seed)
     return train.train_and_evaluate(config, workdir)
 
@@ -201,11 +220,13 @@ def main(argv):
                              for s in range(_SEEDS.value)]
                 errors = [s["test_error"] for s in summaries]
                 record = {
-                    "dataset": dataset, "noise": noise, "student": summaries[0]["student"],
+                    "dataset": dataset, "noise": noise, "student": config.student.name,
                     "method": method, "seeds": list(range(_SEEDS.value)),
                     "test_error": errors, "mean": float(np.mean(errors)),
                     "std": float(np.std(errors, ddof=1)) if len(errors) > 1 else 0.0,
                 }
+                if "target" in config:
+                    record["target"] = config.target.model.name
                 used = applicable_overrides(config, extra)
                 if used:
                     record["overrides"] = used
@@ -231,6 +252,9 @@ def main(argv):
 GROUPS = {
     "L2T-DLF group (configs/l2t_dlf.py; robust losses: configs/robust.py)": (
         "ce", "gce", "sce", "l2t-gce", "l2t-dlf-fixed", "l2t-dlf", "l2t-dlf-pop4"),
+    "Offline distillation (configs/distill.py: kd-target is the target model itself; "
+    "the student column names the distilled student)": (
+        "kd-target", "kd-student", "kd", "at", "at-kd", "l2t-kd", "l2t-at", "l2t-at-kd"),
     "L2T-DLF group, teacher on a separate meta-dev split (150 of the dev examples: of 300 "
     "on digits, 500 on mnist1d; selection on the rest)": ("ce-md", "l2t-dlf-fixed-md",
                                                           "l2t-dlf-md"),

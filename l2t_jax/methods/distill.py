@@ -144,8 +144,13 @@ def target_run(config: ml_collections.ConfigDict, splits, rng: jax.Array,
 
 
 def build_target(config, splits, rng) -> base.Plan:
-    """``kd-target``: the target model's training as the reported run."""
-    return base.Plan((target_run(config, splits, rng, name="").phase,))
+    """``kd-target``: the target model's training as the reported run (its summary names
+    the target's network as the student: the network this run trained)."""
+    def finish(finished, workdir, summary):
+        del finished, workdir, summary
+        return {"student": config.target.model.name}
+
+    return base.Plan((target_run(config, splits, rng, name="").phase,), finish)
 
 
 def build_hand_set(config, splits, rng) -> base.Plan:

@@ -265,9 +265,13 @@ class TargetRun:
                     target_activations=self.activations)
 
     def variables(self, finished: dict) -> PyTree:
-        """The trained target's variables, from the finished phases by name."""
+        """The trained target's variables, from the finished phases by name.
+
+        A copy: each phase that reads them donates its state to its jitted step.
+        """
         target = finished[self.phase.name].student
-        return {"params": target.params, **target.model_state}
+        return jax.tree_util.tree_map(jax.numpy.array,
+                                      {"params": target.params, **target.model_state})
 
 
 def pretrained_start(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
