@@ -1,19 +1,23 @@
-"""The benchmark's two frameworks compute the same meta-gradient (skipped without torch)."""
+"""The benchmarks run: the two frameworks of the meta-gradient benchmark agree (skipped
+without torch), and the distillation cost benchmark runs in quick mode."""
 
+import json
 import os
 import sys
 
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import meta_grad, torch_meta  # noqa: E402
+from benchmarks import distill_cost, meta_grad  # noqa: E402
 from benchmarks.remat import make_meta_grad  # noqa: E402
 
 
 def test_torch_and_jax_meta_gradients_agree():
+    pytest.importorskip("torch")
+    from benchmarks import torch_meta
+
     (step_fn, objective, args), problem = meta_grad.make_problem("mlp64-128-10", 3)
     value, grad = make_meta_grad(step_fn, objective, "none")(*args)
     for name in ("torch-autograd", "torch-func"):
@@ -25,3 +29,18 @@ def test_torch_and_jax_meta_gradients_agree():
         np.testing.assert_allclose(grad_b, np.asarray(grad["b"]), rtol=1e-4, atol=1e-7,
                                    err_msg=name)
     assert np.abs(np.asarray(grad["W"])).max() > 1e-4  # not trivially zero
+
+
+def test_distill_cost_quick(tmp_path):
+    out = tmp_path / "distill_cost.json"
+    distill_cost.main(["--quick", "--settings=mnist1d", "--methods=kd,l2t-kd",
+                       "--repeats=1", f"--out={out}"])
+    records = {r["method"]: r for r in json.loads(out.read_text())}
+    assert set(records) == {"kd", "l2t-kd"}
+    assert records["kd"]["ratio_to_kd"] == 1.0
+    for r in records.values():
+        assert r["T"] == 10 and r["config"] == "configs/distill.py:mnist1d,smoke"
+        assert r["median_s"] > 0 and r["compile_s"] > 0 and r["visible_cores"] >= 1
+        assert r["gflop_per_step"] > 0 and r["gflops_achieved"] > 0
+    # The teacher's update adds the step's transpose and the dev objective.
+    assert records["l2t-kd"]["gflop_per_step"] > 2 * records["kd"]["gflop_per_step"]
