@@ -109,6 +109,9 @@ def get_config(arg: str = "mnist1d") -> ml_collections.ConfigDict:
     config.target.num_steps = config.train.num_steps
 
     if "moonshine" in tokens:
+        if setting == "mnist1d":
+            raise ValueError("moonshine needs a residual target model (mnist_5k or the "
+                             "CIFAR settings); mnist1d's is a plain 1-D CNN")
         config.student = ml_collections.ConfigDict(dict(config.target.model))
         config.student.conv = "dconv"
     if "smoke" in tokens:

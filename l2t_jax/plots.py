@@ -213,3 +213,39 @@ def plot_dln_loss(dlns: list[tuple[int, dict]], records: list[dict], path: str,
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_moonshine(records: list[dict], path: str) -> None:
+    """Draws the Moonshine trade-off: test error against the student's parameters, one
+    panel per (dataset, noise), cheap students alone and with AT + KD.
+
+    Args:
+        records: results records; those of rows ``ms-<block>`` and ``ms-<block>-at-kd``
+            (with ``conv``, ``params``, ``mean``, ``std``) are drawn.
+        path: where to write the PNG.
+    """
+    cheap = [r for r in records if r["method"].startswith("ms-")]
+    settings = list(dict.fromkeys((r["dataset"], r["noise"]) for r in cheap))
+    fig, axes = plt.subplots(1, len(settings), figsize=(5.0 * len(settings), 3.8),
+                             squeeze=False)
+    for ax, (dataset, noise) in zip(axes[0], settings):
+        here = [r for r in cheap if (r["dataset"], r["noise"]) == (dataset, noise)]
+        for distilled, label, marker in ((False, "alone (CE)", "o"), (True, "AT + KD", "s")):
+            points = sorted((r for r in here if r["method"].endswith("-at-kd") == distilled),
+                            key=lambda r: r["params"])
+            if not points:
+                continue
+            ax.errorbar([r["params"] for r in points], [r["mean"] for r in points],
+                        yerr=[r["std"] for r in points], marker=marker, capsize=3,
+                        label=label)
+            for r in points:
+                ax.annotate(r["conv"], (r["params"], r["mean"]), fontsize=7,
+                            textcoords="offset points", xytext=(3, 3))
+        ax.set(xscale="log", xlabel="student parameters", ylabel="test error (%)",
+               title=f"{dataset}, noise {noise}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Moonshine cheap-convolution students: error vs size")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

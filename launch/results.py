@@ -35,6 +35,12 @@ student, optimizer, step budget and dev selection:
   ``l2t-kd``, ``l2t-at``, ``l2t-at-kd`` (weights set by a loss teacher). Every run of a
   seed distills from that seed's ``kd-target`` run (trained by whichever runs first);
   records name the target model (``"target"``).
+* Moonshine cheap-convolution students (configs/distill.py:<setting>,moonshine: the
+  target's own architecture with every block's 3x3 convolutions swapped for a cheap
+  block): ``ms-<block>`` alone (CE) and ``ms-<block>-at-kd`` (AT + KD from the target
+  model), for the blocks of `MOONSHINE_BLOCKS`; their records add the student's
+  parameters and XLA FLOPs per example, and ``moonshine.png`` draws error against
+  parameters.
 * Online teaching over a full-length training (option ``online``: 10 episode lengths,
   teacher updated every 50 steps by truncated backprop, no episodes): ``ce-ol``,
   ``l2t-dlf-fixed-ol``, ``l2t-dlf-ol``.
@@ -59,12 +65,14 @@ docs/results.md from every JSON file there.
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
 import launch
 from configs import distill, l2t_dlf, l2t_dln, robust
-from l2t_jax import train
+from l2t_jax import data, plots, students, train
 
 # The taught warm DLN under the proper rule (scale preserved), and with the descent test.
 _PROPER = {"dln.preserve_scale": True, "dln.accept": "proper"}
@@ -128,6 +136,12 @@ METHODS = {
     "l2t-at": (distill, "", "l2t-at", {}),
     "l2t-at-kd": (distill, "", "l2t-at-kd", {}),
 }
+# Moonshine: the target's own architecture with cheap blocks (config.student.conv),
+# alone (CE) and with AT + KD from the target model: rows ms-<block>, ms-<block>-at-kd.
+MOONSHINE_BLOCKS = ("conv", "b2", "b4", "g8b2", "dconv", "dconv_b2")
+for _block in MOONSHINE_BLOCKS:
+    METHODS[f"ms-{_block}"] = (distill, ",moonshine", "ce", {"student.conv": _block})
+    METHODS[f"ms-{_block}-at-kd"] = (distill, ",moonshine", "at-kd", {"student.conv": _block})
 # Distillation rows share one target model per (dataset, noise, seed): the kd-target run.
 TARGET_ROW = "kd-target"
 
@@ -201,6 +215,18 @@ def run_one(config, dataset: str, noise: float, method: str, seed: int) -> dict:
     return train.train_and_evaluate(config, workdir)
 
 
+def student_cost(config) -> dict:
+    """The config's student: its cheap block, parameters and XLA FLOPs per example (eval
+    forward pass on one example of the dataset's shape)."""
+    splits = data.load_splits(config.data)
+    model = students.build_student(config.student, splits.num_classes)
+    x = jax.ShapeDtypeStruct((1, *splits.test.x.shape[1:]), jnp.float32)
+    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+    return {"conv": config.student.conv,
+            "params": students.count_params(variables["params"]),
+            "flops_per_example": students.count_flops(model, variables, x)}
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -227,6 +253,8 @@ def main(argv):
                 }
                 if "target" in config:
                     record["target"] = config.target.model.name
+                if method.startswith("ms-"):
+                    record.update(student_cost(config))
                 used = applicable_overrides(config, extra)
                 if used:
                     record["overrides"] = used
@@ -246,6 +274,8 @@ def main(argv):
             rows.extend(json.load(f))
     table = write_table(rows, os.path.join(_OUT.value, "results.md"))
     print(table)
+    if any(r["method"].startswith("ms-") for r in rows):
+        plots.plot_moonshine(rows, os.path.join(_OUT.value, "moonshine.png"))
 
 
 # Methods compared in one table share students, optimizers, step budgets and dev selection.
@@ -325,6 +355,38 @@ def _table(title: str, columns: dict[str, str], rows: list[dict], usual: int) ->
     return "\n".join(lines)
 
 
+def _moonshine_table(rows: list[dict], usual: int) -> str | None:
+    """The Moonshine table: per (dataset, noise) and cheap block, the student's
+    parameters and FLOPs, and its test error alone and with AT + KD."""
+    cheap = [r for r in rows if r["method"].startswith("ms-")]
+    if not cheap:
+        return None
+    lines = ["### Moonshine cheap-convolution students (configs/distill.py:<dataset>,"
+             "moonshine: the target model's own architecture, every block's 3x3 "
+             "convolutions swapped for the cheap block; conv is the target's own)", "",
+             "| dataset | noise | target | block | params | MFLOPs / example | alone | "
+             "AT + KD |", "|---" * 8 + "|"]
+
+    def cell(record):
+        if record is None:
+            return ""
+        text = f"{record['mean']:.2f} +- {record['std']:.2f}"
+        seeds = len(record["seeds"])
+        return text if seeds == usual else f"{text} [{seeds} seeds]"
+
+    for dataset, noise in dict.fromkeys((r["dataset"], r["noise"]) for r in cheap):
+        setting = {r["method"]: r for r in cheap if (r["dataset"], r["noise"]) == (dataset, noise)}
+        for block in MOONSHINE_BLOCKS:
+            alone, distilled = setting.get(f"ms-{block}"), setting.get(f"ms-{block}-at-kd")
+            some = alone or distilled
+            if some is None:
+                continue
+            lines.append(f"| {dataset} | {noise} | {some['target']} | {block} | "
+                         f"{some['params']:,} | {some['flops_per_example'] / 1e6:.1f} | "
+                         f"{cell(alone)} | {cell(distilled)} |")
+    return "\n".join(lines)
+
+
 def write_table(rows: list[dict], path: str) -> str:
     """Writes (and returns) markdown tables: the `HEADLINE` table, then one per `GROUPS`
     entry with results: a line per (dataset, noise), a column per method; a cell over
@@ -335,6 +397,7 @@ def write_table(rows: list[dict], path: str) -> str:
                                        for label, method in HEADLINE.items()}, rows, usual)
     sections = [_table(f"### {title}", {m: m for m in group}, rows, usual)
                 for title, group in GROUPS.items()]
+    sections.append(_moonshine_table(rows, usual))
     if headline is not None:
         sections.insert(0, headline + "\n\n## All results")
     header = (f"Test error (%), mean +- std (sample std) over {usual} seeds (other counts "

@@ -223,6 +223,13 @@ def test_conv_that_does_not_divide_the_widths_is_a_config_error(name, fields, co
         _student(name, conv=conv, **fields)
 
 
+@pytest.mark.parametrize("name", ["mlp", "cnn1d", "lenet5"])
+def test_conv_on_a_student_without_residual_blocks_is_a_config_error(name):
+    with pytest.raises(ConfigError, match=r"has no residual blocks for config\.student\.conv"):
+        build_student(ml_collections.ConfigDict({"name": name, "conv": "dconv"}), 10)
+    build_student(ml_collections.ConfigDict({"name": name, "conv": "conv"}), 10)
+
+
 def test_count_flops_of_a_dense_layer():
     model = nn.Dense(7)
     x = jax.ShapeDtypeStruct((4, 5), jnp.float32)

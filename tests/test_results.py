@@ -4,14 +4,32 @@ import json
 
 import pytest
 
-from l2t_jax import train
+from configs import distill
+from l2t_jax import plots, train
+from l2t_jax.errors import ConfigError
+from l2t_jax.methods import distill as distill_methods
 from launch import results
+
+
+def _distillation_row(method):
+    return results.METHODS[method][0] is distill
 
 
 @pytest.mark.parametrize("method", list(results.METHODS))
 @pytest.mark.parametrize("dataset", ["digits", "mnist_5k", "mnist1d"])
 def test_every_method_row_is_a_valid_config(method, dataset):
+    if _distillation_row(method) and dataset not in distill.SETTINGS:
+        pytest.skip("the distillation rows run on the distillation settings")
+    if dataset == "mnist1d" and method.startswith("ms-"):
+        with pytest.raises(ValueError, match="moonshine needs a residual target"):
+            results.method_config(dataset, method)
+        return
     config = results.method_config(dataset, method, noise=0.4)
+    if dataset == "mnist1d" and distill_methods.uses_at(config.method):
+        # Attention transfer needs a student with feature maps: not mnist1d's MLP.
+        with pytest.raises(ConfigError):
+            train.validate_config(config)
+        return
     train.validate_config(config)
     assert config.data.noise_rate == 0.4
     if method == "l2t-dlf-pop4":
@@ -22,7 +40,8 @@ def test_every_method_row_is_a_valid_config(method, dataset):
 
 def test_every_method_is_in_exactly_one_table_group():
     grouped = [m for group in results.GROUPS.values() for m in group]
-    assert sorted(grouped) == sorted(results.METHODS)
+    moonshine = [m for m in results.METHODS if m.startswith("ms-")]  # their own table
+    assert sorted(grouped + moonshine) == sorted(results.METHODS)
 
 
 def test_table_has_a_column_per_method_and_a_row_per_setting(tmp_path):
@@ -63,3 +82,23 @@ def test_a_cell_over_an_unusual_number_of_seeds_says_how_many(tmp_path):
     text = results.write_table(rows, str(tmp_path / "results.md"))
     assert "over 8 seeds" in text
     assert "| 2.00 +- 0.00 | 2.00 +- 0.00 | 2.00 +- 0.00 [4 seeds] |" in text
+
+
+def test_moonshine_rows_make_a_table_with_sizes_and_a_picture(tmp_path):
+    config = results.method_config("mnist_5k", "ms-dconv-at-kd")
+    assert (config.student.conv, config.method) == ("dconv", "at-kd")
+    assert config.student.depth == config.target.model.depth  # the target's architecture
+    cost = results.student_cost(config)
+    assert cost["conv"] == "dconv" and cost["flops_per_example"] > 0
+    plain = results.student_cost(results.method_config("mnist_5k", "ms-conv"))
+    assert cost["params"] < plain["params"]
+    rows = [{"dataset": "mnist_5k", "noise": 0.0, "student": "wrn", "target": "wrn",
+             "method": m, "seeds": [0, 1], "test_error": [2.0, 3.0], "mean": 2.5,
+             "std": 0.71, **c}
+            for m, c in (("ms-dconv", cost), ("ms-dconv-at-kd", cost), ("ms-conv", plain))]
+    text = results.write_table(rows, str(tmp_path / "results.md"))
+    line = next(x for x in text.splitlines() if "| dconv |" in x)
+    assert f"| {cost['params']:,} |" in line and line.count("2.50 +- 0.71") == 2
+    assert "| conv |" in text
+    plots.plot_moonshine(rows, str(tmp_path / "moonshine.png"))
+    assert (tmp_path / "moonshine.png").stat().st_size > 0

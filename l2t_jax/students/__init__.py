@@ -39,6 +39,8 @@ _BUILDERS: dict[str, Callable[[ml_collections.ConfigDict, int, Any], nn.Module]]
     "cnn1d": cnn1d.build,
 }
 STUDENT_NAMES = tuple(_BUILDERS)
+# The students whose residual blocks take Moonshine's cheap convolutions (`cheap`).
+_CHEAP_BLOCK_STUDENTS = ("wrn", "resnet_he", "resnet_wide")
 _DTYPES = {"float32": jnp.float32, "float64": jnp.float64}
 
 
@@ -75,6 +77,12 @@ def build_student(config: ml_collections.ConfigDict, num_classes: int) -> nn.Mod
         raise ConfigError(
             f"unknown student dtype {dtype!r} (config.student.dtype); "
             f"choose one of: {', '.join(_DTYPES)}"
+        )
+    conv = config.get("conv", cheap.PLAIN)
+    if name not in _CHEAP_BLOCK_STUDENTS and conv != cheap.PLAIN:
+        raise ConfigError(
+            f"student {name!r} has no residual blocks for config.student.conv={conv!r}; "
+            f"use one of {', '.join(_CHEAP_BLOCK_STUDENTS)} or conv='{cheap.PLAIN}'"
         )
     return _BUILDERS[name](config, num_classes, _DTYPES[dtype])
 
