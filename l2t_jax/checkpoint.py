@@ -12,6 +12,9 @@ from flax import traverse_util
 
 from l2t_jax.errors import ConfigError
 
+# The config a run writes into its workdir, beside its checkpoints.
+RUN_CONFIG_FILE = "config.json"
+
 
 class Checkpointer:
     """Saves a state pytree at given steps and restores the latest one.

@@ -29,7 +29,7 @@ from l2t_jax.methods import Schedule
 from l2t_jax.students import build_student
 
 SUMMARY_FILE = "summary.json"
-CONFIG_FILE = "config.json"
+CONFIG_FILE = checkpoint.RUN_CONFIG_FILE
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:

@@ -208,6 +208,11 @@ def test_kd_trains_its_target_first_reuses_a_trained_one_and_resumes_exactly(
     assert _summary_fields(reused) == _summary_fields(reference)
     assert metrics.read_metrics(target_dir) == target_metrics  # restored, not retrained
     assert not os.path.exists(tmp_path / "reused" / distill_methods.TARGET_DIR)
+    other = _config("kd")
+    other.target.model.channels = 7  # another network than the run in target_dir
+    other.target.workdir = target_dir
+    with pytest.raises(ConfigError, match="trained .* not config.target.model"):
+        train.train_and_evaluate(other, str(tmp_path / "other"))
     with open(os.path.join(target_dir, train.SUMMARY_FILE)) as f:
         assert json.load(f)["method"] == "kd-target" == target_summary["method"]
     assert target_summary["student"] == "cnn1d"  # the network it trained

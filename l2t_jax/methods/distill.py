@@ -24,6 +24,7 @@ that directory (``<workdir>/target`` when the field is empty), and says so.
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -32,7 +33,8 @@ import ml_collections
 from absl import logging
 
 from l2t_jax import optimizers, plots, students, teachers
-from l2t_jax.checkpoint import load_params
+from l2t_jax.checkpoint import RUN_CONFIG_FILE, load_params
+from l2t_jax.errors import ConfigError
 from l2t_jax.losses import cross_entropy_loss, mean_cross_entropy, output_loss
 from l2t_jax.losses.distill import attention_transfer, kd_loss
 from l2t_jax.methods import base, dlf, teaching
@@ -130,6 +132,7 @@ def target_run(config: ml_collections.ConfigDict, splits, rng: jax.Array,
 
     def init(finished):
         del finished
+        check_target_run(config, name)
         if name == TARGET_DIR:
             logging.info("target model (%s): trained first in the run's %r directory, "
                          "resumed there if interrupted", t.model.name, TARGET_DIR)
@@ -141,6 +144,27 @@ def target_run(config: ml_collections.ConfigDict, splits, rng: jax.Array,
     phase = base.Phase(name, loop, schedule, init)
     stages = tuple(config.distill.stages) if uses_at(config.method) else ()
     return teaching.TargetRun(phase, stages)
+
+
+def check_target_run(config: ml_collections.ConfigDict, directory: str) -> None:
+    """Checks a ``kd-target`` run's saved config in `directory` against this config.
+
+    Raises:
+        ConfigError: it trained another network than ``config.target.model``.
+    """
+    path = os.path.join(directory, RUN_CONFIG_FILE)
+    if not directory or not os.path.exists(path):
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    model = saved.get("target", {}).get("model")
+    if model is not None and model != json.loads(config.target.model.to_json()):
+        raise ConfigError(f"the target run in {directory} trained {model}, not "
+                          f"config.target.model; point config.target.workdir elsewhere")
+    ours = json.loads(config.data.to_json())
+    if saved.get("data") != ours:
+        logging.warning("the target run in %s trained on other data settings (%s) than "
+                        "this run's (%s)", directory, saved.get("data"), ours)
 
 
 def build_target(config, splits, rng) -> base.Plan:
