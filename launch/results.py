@@ -34,7 +34,8 @@ student, optimizer, step budget and dev selection:
   ``kd-student`` (the student alone, CE), ``kd``, ``at``, ``at-kd`` (hand-set weights),
   ``l2t-kd``, ``l2t-at``, ``l2t-at-kd`` (weights set by a loss teacher). Every run of a
   seed distills from that seed's ``kd-target`` run (trained by whichever runs first);
-  records name the target model (``"target"``).
+  records name the target model (``"target"``). ``l2t-kd-ep``: the loss teacher trained
+  on 8 whole trainings of 3,000 steps (episodes, fresh students) instead of online.
 * Moonshine cheap-convolution students (configs/distill.py:<setting>,moonshine: the
   target's own architecture with every block's 3x3 convolutions swapped for a cheap
   block): ``ms-<block>`` alone (CE) and ``ms-<block>-at-kd`` (AT + KD from the target
@@ -135,6 +136,12 @@ METHODS = {
     "l2t-kd": (distill, "", "l2t-kd", {}),
     "l2t-at": (distill, "", "l2t-at", {}),
     "l2t-at-kd": (distill, "", "l2t-at-kd", {}),
+    # The loss teacher trained on whole trainings (8 episodes of the run's full length,
+    # fresh students; frozen in the reported run) instead of online 50-step windows.
+    "l2t-kd-ep": (distill, "", "l2t-kd", {
+        "teacher.num_episodes": 8, "teacher.episode_steps": 3000,
+        "teacher.teach_online": False, "teacher.learning_rate": 0.1,
+        "engine.estimator": "full", "engine.remat": "sqrt"}),
 }
 # Moonshine: the target's own architecture with cheap blocks (config.student.conv),
 # alone (CE) and with AT + KD from the target model: rows ms-<block>, ms-<block>-at-kd.
@@ -284,7 +291,8 @@ GROUPS = {
         "ce", "gce", "sce", "l2t-gce", "l2t-dlf-fixed", "l2t-dlf", "l2t-dlf-pop4"),
     "Offline distillation (configs/distill.py: kd-target is the target model itself; "
     "the student column names the distilled student)": (
-        "kd-target", "kd-student", "kd", "at", "at-kd", "l2t-kd", "l2t-at", "l2t-at-kd"),
+        "kd-target", "kd-student", "kd", "at", "at-kd", "l2t-kd", "l2t-at", "l2t-at-kd",
+        "l2t-kd-ep"),
     "L2T-DLF group, teacher on a separate meta-dev split (150 of the dev examples: of 300 "
     "on digits, 500 on mnist1d; selection on the rest)": ("ce-md", "l2t-dlf-fixed-md",
                                                           "l2t-dlf-md"),
