@@ -20,13 +20,18 @@ calls of the variants are interleaved so a busy host slows them alike. ``median_
 ``min_s`` and ``max_s`` are seconds per inner step; ``peak_mb`` is XLA's temp buffer
 size of the compiled call. Students: LeNet-5 (batch 64 of 28x28x1, T=10), the MNIST-1D
 CNN (25 channels, batch 100 of (40, 1), T=10), ResNet-8 (He et al.) and WRN-10-1
-(batch 32 of 32x32x3, T=4: Flax's conv takes seconds per step there).
+(batch 32 of 32x32x3, T=4: Flax's conv takes seconds per step there), and three
+`CheapCNN`s of grouped convolutions (batch 16 of 16x16x3, T=4): ``sep_cnn``
+(depthwise 3x3 + pointwise 1x1 blocks), ``group_cnn`` (3x3s of 4 groups) and
+``dense_cnn``, ungrouped 3x3s of half the width: the same FLOPs per block as
+``group_cnn`` (half in the stem). XLA:CPU runs grouped convolutions slowly also unrolled, so there
+``unrolled`` (Flax's conv) is no longer the speed to reach; ``dense_cnn`` is.
 
 Launch, from the repository root:
 
-    python benchmarks/conv_in_scan.py                      # all students: ~11 min
-    python benchmarks/conv_in_scan.py --students lenet5    # or any subset
-    python benchmarks/conv_in_scan.py --quick              # 1-D CNN only: ~20 s
+    python benchmarks/conv_in_scan.py                    # all students: ~14 min
+    python benchmarks/conv_in_scan.py --students lenet5  # or any subset
+    python benchmarks/conv_in_scan.py --quick            # 1-D, grouped CNNs: ~3 min
 
 Run times are for 2 CPU cores.
 """
@@ -35,9 +40,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import sys
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -57,14 +64,33 @@ from l2t_jax.students import _layers, build_student, cnn1d, lenet
 NUM_CLASSES = 10
 LEARNING_RATE = 0.01
 DEV_SIZE = 256
-# name -> (student config, input shape without batch, batch size, T)
+# name -> (student config, input shape without batch, batch size, T); the "cheap_cnn"
+# configs are `CheapCNN`'s fields.
 STUDENTS = {
     "lenet5": ({"name": "lenet5"}, (28, 28, 1), 64, 10),
     "cnn1d": ({"name": "cnn1d", "channels": 25}, (40, 1), 100, 10),
     "resnet_he8": ({"name": "resnet_he", "depth": 8}, (32, 32, 3), 32, 4),
     "wrn10-1": ({"name": "wrn", "depth": 10, "widen_factor": 1}, (32, 32, 3), 32, 4),
+    "sep_cnn": (
+        {"name": "cheap_cnn", "widths": (32, 64, 64), "block": "separable"},
+        (16, 16, 3),
+        16,
+        4,
+    ),
+    "group_cnn": (
+        {"name": "cheap_cnn", "widths": (32, 64, 64), "block": "grouped", "groups": 4},
+        (16, 16, 3),
+        16,
+        4,
+    ),
+    "dense_cnn": (
+        {"name": "cheap_cnn", "widths": (16, 32, 32), "block": "grouped", "groups": 1},
+        (16, 16, 3),
+        16,
+        4,
+    ),
 }
-QUICK_STUDENTS = ("cnn1d",)
+QUICK_STUDENTS = ("cnn1d", "sep_cnn", "group_cnn", "dense_cnn")
 VARIANTS = ("unrolled", "scan_flax_conv", "scan_our_conv")
 MB = 2.0**20
 
@@ -81,6 +107,52 @@ def flax_conv():
     finally:
         for module, conv in zip(modules, saved):
             module.Conv = conv
+
+
+class CheapCNN(nn.Module):
+    """A small CNN of depthwise-separable or grouped 3x3 convolutions.
+
+    A 3x3 stem convolution to `widths[0]` channels, then one block per width (stride 1
+    for the first, 2 for the others), global average pooling and a linear read-out;
+    ReLU after every convolution, no bias, no BatchNorm (the cases time convolutions).
+    Convolutions are `_layers.Conv`, looked up when traced, so `flax_conv` swaps them.
+
+    Attributes:
+      num_classes: number of logits.
+      widths: output channels of the blocks.
+      block: "separable" (a depthwise 3x3, then a pointwise 1x1 to the width:
+        Moonshine's DConv) or "grouped" (a 3x3 of `groups` groups).
+      groups: feature groups of the "grouped" blocks' 3x3s (1: ungrouped).
+      dtype: parameter and computation dtype.
+    """
+
+    num_classes: int
+    widths: tuple[int, ...]
+    block: str
+    groups: int = 1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Returns logits (B, num_classes) for images (B, H, W, C); ignores `train`."""
+        del train
+        conv = functools.partial(
+            _layers.Conv, use_bias=False, dtype=self.dtype, param_dtype=self.dtype
+        )
+        x = nn.relu(conv(self.widths[0], (3, 3), padding=1)(x))
+        for block, width in enumerate(self.widths):
+            spatial = functools.partial(
+                conv, kernel_size=(3, 3), strides=1 if block == 0 else 2, padding=1
+            )
+            if self.block == "separable":
+                depthwise = x.shape[-1]
+                x = nn.relu(spatial(depthwise, feature_group_count=depthwise)(x))
+                x = nn.relu(conv(width, (1, 1))(x))
+            else:
+                x = nn.relu(spatial(width, feature_group_count=self.groups)(x))
+        return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.dtype)(
+            jnp.mean(x, axis=(1, 2))
+        )
 
 
 def tempered_ce(meta_params, logits, labels):
@@ -102,7 +174,11 @@ def make_problem(student_name: str, num_steps: int, rng: jax.Array):
         ``batches`` holds ``x`` (T, B, *input_shape) and ``y`` (T, B).
     """
     fields, input_shape, batch_size, _ = STUDENTS[student_name]
-    model = build_student(ml_collections.ConfigDict(fields), NUM_CLASSES)
+    if fields["name"] == "cheap_cnn":
+        fields = {k: v for k, v in fields.items() if k != "name"}
+        model = CheapCNN(NUM_CLASSES, **fields)
+    else:
+        model = build_student(ml_collections.ConfigDict(fields), NUM_CLASSES)
     tx = make_inner_optimizer(
         ml_collections.ConfigDict({"name": "sgd", "learning_rate": LEARNING_RATE}),
         num_steps,
@@ -235,7 +311,9 @@ HEADER = (
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1-D CNN only.")
+    parser.add_argument(
+        "--quick", action="store_true", help="1-D and grouped CNNs only."
+    )
     parser.add_argument(
         "--students", nargs="+", choices=tuple(STUDENTS), help="Default: all."
     )

@@ -2,8 +2,9 @@
 
 `conv_general_dilated` / `Conv` must equal `lax.conv_general_dilated` /
 `flax.linen.Conv` in values and in first- and second-order derivatives (float64,
-tight tolerance), and every convolution XLA compiles for a meta-gradient through
-`lax.scan` must be channel-last (the property that makes it fast on CPU).
+tight tolerance), ungrouped and with feature groups (depthwise, grouped), and every
+convolution XLA compiles for a meta-gradient through `lax.scan` must be channel-last
+and ungrouped (the property that makes it fast on CPU).
 """
 
 import re
@@ -17,11 +18,11 @@ from jax import lax
 
 from l2t_jax.students._layers import Conv, conv_general_dilated
 
-# (input shape, kernel shape, strides, padding, lhs dilation, rhs dilation)
+# (input shape, kernel shape, strides, padding, lhs dilation, rhs dilation, groups)
 CASES = {
-    "1d_stride1_valid": ((2, 9, 3), (3, 3, 4), (1,), "VALID", None, None),
-    "1d_stride2_pad1": ((2, 9, 3), (5, 3, 4), (2,), ((1, 1),), None, None),
-    "2d_stride1_valid": ((2, 7, 6, 2), (3, 3, 2, 3), (1, 1), "VALID", None, None),
+    "1d_stride1_valid": ((2, 9, 3), (3, 3, 4), (1,), "VALID", None, None, 1),
+    "1d_stride2_pad1": ((2, 9, 3), (5, 3, 4), (2,), ((1, 1),), None, None, 1),
+    "2d_stride1_valid": ((2, 7, 6, 2), (3, 3, 2, 3), (1, 1), "VALID", None, None, 1),
     "2d_stride2_pad": (
         (2, 8, 7, 2),
         (3, 3, 2, 3),
@@ -29,6 +30,7 @@ CASES = {
         ((1, 1), (1, 0)),
         None,
         None,
+        1,
     ),
     "2d_same_kernel_dilated": (
         (2, 6, 7, 2),
@@ -37,6 +39,7 @@ CASES = {
         "SAME",
         None,
         (2, 1),
+        1,
     ),
     "2d_input_dilated": (
         (2, 4, 5, 2),
@@ -45,15 +48,57 @@ CASES = {
         ((2, 1), (0, 2)),
         (2, 1),
         None,
+        1,
     ),
     # Kernel window larger than the input: the operand-swapped form.
-    "1d_kernel_wider_than_input": ((2, 3, 2), (6, 2, 3), (1,), ((5, 4),), None, None),
+    "1d_kernel_wider_than_input": (
+        (2, 3, 2),
+        (6, 2, 3),
+        (1,),
+        ((5, 4),),
+        None,
+        None,
+        1,
+    ),
+    # Feature groups: depthwise (one input channel per group) and grouped.
+    "2d_depthwise_stride2_pad1": (
+        (2, 7, 6, 4),
+        (3, 3, 1, 4),
+        (2, 2),
+        ((1, 1), (1, 1)),
+        None,
+        None,
+        4,
+    ),
+    "2d_grouped_same_kernel_dilated": (
+        (2, 6, 7, 4),
+        (3, 2, 2, 6),
+        (2, 1),
+        "SAME",
+        None,
+        (2, 1),
+        2,
+    ),
+    "2d_grouped_input_dilated": (
+        (2, 4, 5, 4),
+        (3, 3, 2, 4),
+        (1, 2),
+        ((2, 1), (0, 2)),
+        (2, 1),
+        None,
+        2,
+    ),
+    # 64 channels: more than one chunk (l2t_jax.students._layers._CHUNK_CHANNELS), of
+    # several groups each (depthwise, channel multiplier 2) or of one group each (two
+    # 32-channel groups).
+    "1d_depthwise_chunked": ((1, 6, 64), (3, 1, 128), (1,), ((1, 1),), None, None, 64),
+    "1d_grouped_chunk_per_group": ((1, 5, 64), (3, 32, 4), (2,), "SAME", None, None, 2),
 }
 DIMS = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC")}
 
 
 def _conv_fns(case):
-    x_shape, k_shape, strides, padding, lhs_dilation, rhs_dilation = CASES[case]
+    x_shape, k_shape, strides, padding, lhs_dilation, rhs_dilation, groups = CASES[case]
     dims = DIMS[len(k_shape) - 2]
 
     def make(conv):
@@ -66,6 +111,7 @@ def _conv_fns(case):
                 lhs_dilation=lhs_dilation,
                 rhs_dilation=rhs_dilation,
                 dimension_numbers=dims,
+                feature_group_count=groups,
             )
 
         return f
@@ -116,8 +162,9 @@ def test_values_and_derivatives_match_lax(case, x64):
     _compare(case, jnp.float64, rtol=1e-12)
 
 
-def test_float32_matches_lax():
-    _compare("2d_stride2_pad", jnp.float32, rtol=1e-4, seed=1)
+@pytest.mark.parametrize("case", ["2d_stride2_pad", "2d_depthwise_stride2_pad1"])
+def test_float32_matches_lax(case):
+    _compare(case, jnp.float32, rtol=1e-4, seed=1)
 
 
 def test_other_layouts_are_passed_to_lax():
@@ -131,11 +178,48 @@ def test_other_layouts_are_passed_to_lax():
     )
 
 
+def test_batch_groups_are_passed_to_lax():
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(4, 6, 3)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 4)), jnp.float32)
+    args = ((1,), "VALID")
+    kwargs = {"dimension_numbers": ("NWC", "WIO", "NWC"), "batch_group_count": 2}
+    np.testing.assert_array_equal(
+        conv_general_dilated(x, kernel, *args, **kwargs),
+        lax.conv_general_dilated(x, kernel, *args, **kwargs),
+    )
+
+
+def test_groups_that_do_not_divide_the_channels_raise_lax_error():
+    x = jnp.zeros((2, 6, 3))
+    kernel = jnp.zeros((3, 1, 4))  # 3 groups of 1 input channel, but 4 outputs
+    with pytest.raises(ValueError, match="feature_group_count"):
+        conv_general_dilated(
+            x,
+            kernel,
+            (1,),
+            "VALID",
+            dimension_numbers=("NWC", "WIO", "NWC"),
+            feature_group_count=3,
+        )
+
+
 @pytest.mark.parametrize(
     "input_shape, kwargs",
     [
         ((2, 11, 1), {"kernel_size": (5,), "strides": 2, "padding": 1}),
         ((2, 9, 9, 3), {"kernel_size": (3, 3), "strides": 2, "use_bias": False}),
+        # Depthwise (4 groups of one channel) and grouped (2 groups of 2).
+        ((2, 11, 4), {"kernel_size": (3,), "padding": 1, "feature_group_count": 4}),
+        (
+            (2, 9, 9, 4),
+            {
+                "kernel_size": (3, 3),
+                "strides": 2,
+                "padding": 1,
+                "feature_group_count": 2,
+            },
+        ),
     ],
 )
 def test_module_is_a_drop_in_for_flax_conv(input_shape, kwargs):
@@ -155,17 +239,38 @@ def test_module_is_a_drop_in_for_flax_conv(input_shape, kwargs):
 
 
 class _TinyNet(nn.Module):
-    """Two convolutions (the second strided and padded) and a linear read-out."""
+    """Two convolutions (the second strided and padded) and a linear read-out.
+
+    `features` and `groups` are the two convolutions' output channels and feature group
+    counts.
+    """
 
     conv: type[nn.Module]
     kernel_size: tuple[int, ...]
+    features: tuple[int, int] = (3, 4)
+    groups: tuple[int, int] = (1, 1)
 
     @nn.compact
     def __call__(self, x):
-        dtypes = {"dtype": x.dtype, "param_dtype": x.dtype}
-        x = nn.relu(self.conv(3, self.kernel_size, padding="VALID", **dtypes)(x))
-        x = nn.tanh(self.conv(4, self.kernel_size, strides=2, padding=1, **dtypes)(x))
-        return nn.Dense(5, **dtypes)(x.reshape(x.shape[0], -1))
+        def conv(layer, **kwargs):
+            return self.conv(
+                self.features[layer],
+                self.kernel_size,
+                feature_group_count=self.groups[layer],
+                dtype=x.dtype,
+                param_dtype=x.dtype,
+                **kwargs,
+            )
+
+        x = nn.relu(conv(0, padding="VALID")(x))
+        x = nn.tanh(conv(1, strides=2, padding=1)(x))
+        x = x.reshape(x.shape[0], -1)
+        return nn.Dense(5, dtype=x.dtype, param_dtype=x.dtype)(x)
+
+
+# Depthwise with a channel multiplier of 2 (2 input channels, 2 groups, 4 outputs), then
+# 2 groups of 2 channels.
+GROUPED = {"features": (4, 4), "groups": (2, 2)}
 
 
 def _meta_gradient_fn(model):
@@ -214,8 +319,10 @@ def _assert_finite_difference(meta, args, grad, eps=1e-5):
     np.testing.assert_allclose(grad, (value_up - value_down) / (2 * eps), rtol=1e-6)
 
 
-def test_meta_gradient_through_scan_matches_flax_conv(x64):
-    ours, flax_net = _TinyNet(Conv, (3,)), _TinyNet(nn.Conv, (3,))
+@pytest.mark.parametrize("grouping", [{}, GROUPED], ids=["ungrouped", "grouped"])
+def test_meta_gradient_through_scan_matches_flax_conv(grouping, x64):
+    ours = _TinyNet(Conv, (3,), **grouping)
+    flax_net = _TinyNet(nn.Conv, (3,), **grouping)
     args = (jnp.float64(np.log(0.3)), *_meta_problem(ours, (12, 2), jnp.float64))
     meta = _meta_gradient_fn(ours).lower(*args).compile()
     flax_meta = _meta_gradient_fn(flax_net).lower(*args).compile()
@@ -227,7 +334,9 @@ def test_meta_gradient_through_scan_matches_flax_conv(x64):
     # The property that makes it fast: inside the scan's while loop, XLA:CPU runs only
     # channel-last convolutions on its fast kernels (it canonicalises others only
     # outside loops, jax-ml/jax#12868). Flax's conv leaves permuted labels there.
+    # Grouped convolutions are slow everywhere on XLA:CPU; ours leaves none.
     assert set(_conv_labels(meta)) == {"b0f_0io->b0f"}
+    assert "group_count" not in meta.as_text()
     assert set(_conv_labels(flax_meta)) - {"b0f_0io->b0f"}
 
 
