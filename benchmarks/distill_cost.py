@@ -133,14 +133,7 @@ def network_name(model) -> str:
 
 def available_mb() -> float:
     """The host's available memory (MemAvailable), in MB; infinite off Linux."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("inf")
+    return remat.proc_mb("/proc/meminfo", "MemAvailable:", float("inf"))
 
 
 def _cotangent(x):

@@ -269,16 +269,22 @@ HEADER = (
 )
 
 
-def peak_rss_mb() -> float:
-    """The process's peak resident set size (VmHWM), in MB; NaN off Linux."""
+def proc_mb(path: str, key: str, missing: float) -> float:
+    """A kB field of a Linux /proc file (``VmHWM:`` of /proc/self/status, ...) in MB;
+    `missing` where there is none (off Linux)."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return float("nan")
+    return missing
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident set size (VmHWM), in MB; NaN off Linux."""
+    return proc_mb("/proc/self/status", "VmHWM:", float("nan"))
 
 
 def pin_threads(threads: int) -> None:

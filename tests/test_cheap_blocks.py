@@ -5,7 +5,6 @@ passes run tiny students (WRN-10-1 on 8x8 inputs) with host-drawn variables.
 """
 
 import functools
-import math
 
 import flax.linen as nn
 import jax
@@ -13,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from test_students import _variables
 
 from l2t_jax.errors import ConfigError
 from l2t_jax.students import build_student, cheap, count_flops, count_params
@@ -26,20 +26,6 @@ def _student(name, num_classes=10, **fields):
 
 def _abstract_variables(model, input_shape):
     return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *input_shape)))
-
-
-def _variables(model, x):
-    """Host-drawn variables in `init`'s shapes (as in test_students)."""
-    rng = np.random.default_rng(0)
-
-    def draw(leaf):
-        if len(leaf.shape) > 1:
-            values = rng.normal(size=leaf.shape) / math.sqrt(math.prod(leaf.shape[:-1]))
-        else:
-            values = rng.uniform(0.5, 1.5, size=leaf.shape)
-        return jnp.asarray(values, leaf.dtype)
-
-    return jax.tree.map(draw, jax.eval_shape(model.init, jax.random.key(0), x))
 
 
 @functools.partial(jax.jit, static_argnames=("model",))

@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from l2t_jax import optimizers, plots, students, teachers
-from l2t_jax.checkpoint import RUN_CONFIG_FILE, load_params
+from l2t_jax import optimizers, students, teachers
+from l2t_jax.checkpoint import RUN_CONFIG_FILE
 from l2t_jax.errors import ConfigError
 from l2t_jax.losses import cross_entropy_loss, mean_cross_entropy, output_loss
 from l2t_jax.losses.distill import attention_transfer, kd_loss
@@ -197,17 +197,9 @@ def build_taught(config, splits, rng) -> base.Plan:
                                     target=target_run(config, splits, rng))
 
 
-def draw_weights(config, workdir: str, records: list[dict], summary: dict) -> list[str]:
-    """``distill_weights.png``: the loss teacher's weights over the run (dotted: hand-set)."""
-    params_path = os.path.join(workdir, dlf.TEACHER_PARAMS_FILE)
-    if not os.path.exists(params_path) or "num_classes" not in summary:
-        return []
-    num_classes = summary["num_classes"]
-    states = plots.dlf_states_from_metrics(records, config.train.num_steps, num_classes)
-    path = os.path.join(workdir, "distill_weights.png")
-    plots.plot_weight_teacher(loss_teacher(config, num_classes), load_params(params_path),
-                              states, path, plots.run_title(summary), loss_curve=False)
-    return [path]
+# ``distill_weights.png``: the loss teacher's weights over the run (dotted: hand-set).
+draw_weights = dlf.weight_teacher_drawing(loss_teacher, "distill_weights.png",
+                                          loss_curve=False)
 
 
 def target_checks(config: ml_collections.ConfigDict) -> list:

@@ -408,6 +408,30 @@ def draw_dlf_loss(config: ml_collections.ConfigDict, workdir: str, records: list
     return [path]
 
 
+def weight_teacher_drawing(teacher_fn, filename: str, loss_curve: bool = True):
+    """A `base.Method.draw` for a `teachers.WeightTeacher` method: its learned weights
+    over the run (and the loss vs p_y: `plots.plot_weight_teacher`) in ``filename``.
+
+    Args:
+        teacher_fn: ``teacher_fn(config, num_classes)``, the teacher's structure.
+        filename: the PNG's name in the run's workdir.
+        loss_curve: see `plots.plot_weight_teacher`.
+    """
+
+    def draw(config, workdir: str, records: list[dict], summary: dict) -> list[str]:
+        params_path = os.path.join(workdir, TEACHER_PARAMS_FILE)
+        if not os.path.exists(params_path) or "num_classes" not in summary:
+            return []
+        num_classes = summary["num_classes"]
+        states = plots.dlf_states_from_metrics(records, config.train.num_steps, num_classes)
+        path = os.path.join(workdir, filename)
+        plots.plot_weight_teacher(teacher_fn(config, num_classes), load_params(params_path),
+                                  states, path, plots.run_title(summary), loss_curve)
+        return [path]
+
+    return draw
+
+
 def _build(taught: bool):
     def build(config, splits, rng):
         teacher = build_teacher(config, splits.num_classes)

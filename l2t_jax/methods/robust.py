@@ -12,13 +12,10 @@
 
 from __future__ import annotations
 
-import os
-
 import jax.numpy as jnp
 import ml_collections
 
-from l2t_jax import plots, teachers
-from l2t_jax.checkpoint import load_params
+from l2t_jax import teachers
 from l2t_jax.losses import output_loss
 from l2t_jax.losses.robust import generalized_cross_entropy, symmetric_cross_entropy
 from l2t_jax.methods import base, dlf, teaching
@@ -68,17 +65,8 @@ def build_l2t_gce(config, splits, rng) -> base.Plan:
                                     gce_teacher(config, splits.num_classes), taught=True)
 
 
-def draw_l2t_gce(config, workdir: str, records: list[dict], summary: dict) -> list[str]:
-    """``gce_teacher.png``: the learned q_t over the run, and the loss vs p_y."""
-    params_path = os.path.join(workdir, dlf.TEACHER_PARAMS_FILE)
-    if not os.path.exists(params_path) or "num_classes" not in summary:
-        return []
-    num_classes = summary["num_classes"]
-    states = plots.dlf_states_from_metrics(records, config.train.num_steps, num_classes)
-    path = os.path.join(workdir, "gce_teacher.png")
-    plots.plot_weight_teacher(gce_teacher(config, num_classes), load_params(params_path),
-                              states, path, plots.run_title(summary))
-    return [path]
+# ``gce_teacher.png``: the learned q_t over the run, and the loss vs p_y.
+draw_l2t_gce = dlf.weight_teacher_drawing(gce_teacher, "gce_teacher.png")
 
 
 def validate_l2t_gce(config) -> None:

@@ -418,7 +418,14 @@ class Conv(nn.Conv):
     conv_general_dilated: Any = conv_general_dilated
 
 
-def conv_no_bias(features: int, kernel: int, strides: int, dtype: Any) -> Conv:
+def conv_no_bias(
+    features: int,
+    kernel: int,
+    strides: int,
+    dtype: Any,
+    groups: int = 1,
+    name: str | None = None,
+) -> Conv:
     """Returns a bias-free square conv with He-normal fan-out init and PyTorch padding.
 
     Padding is kernel // 2 on every side (not "SAME"), so stride-2 convolutions sample
@@ -429,6 +436,8 @@ def conv_no_bias(features: int, kernel: int, strides: int, dtype: Any) -> Conv:
       kernel: kernel height and width.
       strides: stride in both spatial dimensions.
       dtype: parameter and computation dtype.
+      groups: feature groups (1: a plain convolution; the input channels: depthwise).
+      name: the submodule's name (None: Flax's automatic ``Conv_<i>``).
 
     Returns:
       The conv layer.
@@ -438,8 +447,10 @@ def conv_no_bias(features: int, kernel: int, strides: int, dtype: Any) -> Conv:
         (kernel, kernel),
         strides=strides,
         padding=kernel // 2,
+        feature_group_count=groups,
         use_bias=False,
         kernel_init=he_normal_fan_out,
         dtype=dtype,
         param_dtype=dtype,
+        name=name,
     )

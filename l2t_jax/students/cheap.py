@@ -59,7 +59,7 @@ import jax
 import jax.numpy as jnp
 
 from l2t_jax.errors import ConfigError
-from l2t_jax.students._layers import Conv, batch_norm, conv_no_bias, he_normal_fan_out
+from l2t_jax.students._layers import batch_norm, conv_no_bias
 
 PLAIN = "conv"
 VALID_FORMS = (
@@ -196,24 +196,6 @@ def check_fits(
             )
 
 
-def _conv(
-    features: int, kernel: int, strides: int, groups: int, dtype: Any, name: str
-) -> Conv:
-    """A bias-free conv with PyTorch padding and He-normal fan-out init, maybe grouped."""
-    return Conv(
-        features,
-        (kernel, kernel),
-        strides=strides,
-        padding=kernel // 2,
-        feature_group_count=groups,
-        use_bias=False,
-        kernel_init=he_normal_fan_out,
-        dtype=dtype,
-        param_dtype=dtype,
-        name=name,
-    )
-
-
 class CheapConv(nn.Module):
     """A cheap substitute for a bias-free 3x3 convolution (any spec but "conv").
 
@@ -244,12 +226,12 @@ class CheapConv(nn.Module):
             width = x.shape[-1]
         else:
             width = self.features // spec.reduction
-            x = _conv(width, 1, 1, 1, self.dtype, "reduce")(x)
+            x = conv_no_bias(width, 1, 1, self.dtype, name="reduce")(x)
             x = nn.relu(norm(name="reduce_bn")(x))
-        x = _conv(width, 3, self.strides, spec.groups(width), self.dtype, "spatial")(x)
+        x = conv_no_bias(width, 3, self.strides, self.dtype, spec.groups(width), "spatial")(x)
         x = nn.relu(norm(name="spatial_bn")(x))
         name = "pointwise" if spec.family == "separable" else "expand"
-        return _conv(self.features, 1, 1, 1, self.dtype, name)(x)
+        return conv_no_bias(self.features, 1, 1, self.dtype, name=name)(x)
 
 
 def conv3x3(
