@@ -40,8 +40,8 @@ student, optimizer, step budget and dev selection:
   target's own architecture with every block's 3x3 convolutions swapped for a cheap
   block): ``ms-<block>`` alone (CE) and ``ms-<block>-at-kd`` (AT + KD from the target
   model), for the blocks of `MOONSHINE_BLOCKS`; their records add the student's
-  parameters and XLA FLOPs per example, and ``moonshine.png`` draws error against
-  parameters.
+  parameters, multiply-adds and XLA FLOPs per example, and ``moonshine.png`` draws
+  error against parameters.
 * Online teaching over a full-length training (option ``online``: 10 episode lengths,
   teacher updated every 50 steps by truncated backprop, no episodes): ``ce-ol``,
   ``l2t-dlf-fixed-ol``, ``l2t-dlf-ol``.
@@ -223,14 +223,16 @@ def run_one(config, dataset: str, noise: float, method: str, seed: int) -> dict:
 
 
 def student_cost(config) -> dict:
-    """The config's student: its cheap block, parameters and XLA FLOPs per example (eval
-    forward pass on one example of the dataset's shape)."""
+    """The config's student: its cheap block, parameters, multiply-adds (the
+    architecture's) and XLA FLOPs (what runs here) per example, of an eval forward pass
+    on one example of the dataset's shape."""
     splits = data.load_splits(config.data)
     model = students.build_student(config.student, splits.num_classes)
     x = jax.ShapeDtypeStruct((1, *splits.test.x.shape[1:]), jnp.float32)
     variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
     return {"conv": config.student.conv,
             "params": students.count_params(variables["params"]),
+            "macs_per_example": students.count_macs(model, variables, x),
             "flops_per_example": students.count_flops(model, variables, x)}
 
 
@@ -372,8 +374,8 @@ def _moonshine_table(rows: list[dict], usual: int) -> str | None:
     lines = ["### Moonshine cheap-convolution students (configs/distill.py:<dataset>,"
              "moonshine: the target model's own architecture, every block's 3x3 "
              "convolutions swapped for the cheap block; conv is the target's own)", "",
-             "| dataset | noise | target | block | params | MFLOPs / example | alone | "
-             "AT + KD |", "|---" * 8 + "|"]
+             "| dataset | noise | target | block | params | M mult-adds | XLA MFLOPs | "
+             "alone | AT + KD |", "|---" * 9 + "|"]
 
     def cell(record):
         if record is None:
@@ -390,7 +392,8 @@ def _moonshine_table(rows: list[dict], usual: int) -> str | None:
             if some is None:
                 continue
             lines.append(f"| {dataset} | {noise} | {some['target']} | {block} | "
-                         f"{some['params']:,} | {some['flops_per_example'] / 1e6:.1f} | "
+                         f"{some['params']:,} | {some['macs_per_example'] / 1e6:.1f} | "
+                         f"{some['flops_per_example'] / 1e6:.1f} | "
                          f"{cell(alone)} | {cell(distilled)} |")
     return "\n".join(lines)
 

@@ -15,7 +15,7 @@ import pytest
 from test_students import _variables
 
 from l2t_jax.errors import ConfigError
-from l2t_jax.students import build_student, cheap, count_flops, count_params
+from l2t_jax.students import build_student, cheap, count_flops, count_macs, count_params
 
 CIFAR = (32, 32, 3)
 
@@ -214,6 +214,23 @@ def test_conv_on_a_student_without_residual_blocks_is_a_config_error(name):
     with pytest.raises(ConfigError, match=r"has no residual blocks for config\.student\.conv"):
         build_student(ml_collections.ConfigDict({"name": name, "conv": "dconv"}), 10)
     build_student(ml_collections.ConfigDict({"name": name, "conv": "conv"}), 10)
+
+
+def test_count_macs_counts_kernels_at_every_output_position():
+    x = jax.ShapeDtypeStruct((2, 8, 8, 4), jnp.float32)
+    for groups in (1, 2):
+        conv = nn.Conv(8, (3, 3), padding=1, feature_group_count=groups)
+        variables = jax.eval_shape(conv.init, jax.random.key(0), x)
+        assert count_macs(conv, variables, x) == 8 * 8 * 3 * 3 * (4 // groups) * 8
+    # WRN-40-2 on CIFAR: the 328M multiply-adds the Moonshine paper reports for it; the
+    # depthwise-separable student's grouped 3x3s count 1 / channels of a plain one.
+    counts = {}
+    for conv in ("conv", "dconv"):
+        model = _student("wrn", depth=40, widen_factor=2, conv=conv)
+        cifar = jax.ShapeDtypeStruct((1, *CIFAR), jnp.float32)
+        counts[conv] = count_macs(model, _abstract_variables(model, CIFAR), cifar)
+    assert counts["conv"] == pytest.approx(328e6, rel=2e-3)
+    assert counts["dconv"] < counts["conv"] / 5
 
 
 def test_count_flops_of_a_dense_layer():

@@ -22,6 +22,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -99,17 +100,58 @@ def count_params(params: Any) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
 
 
+def count_macs(model: nn.Module, variables: Any, x: Any) -> float:
+    """Counts the multiply-adds of a network's convolutions and dense layers, per example.
+
+    The architecture's count, as papers report it (Moonshine's tables): each
+    convolution costs its output positions times its kernel (kernel window x input
+    channels per group x output channels), each dense layer its kernel; normalisation,
+    activations and pooling are left out. Unlike `count_flops`, it does not depend on
+    how the backend runs a grouped convolution. Nothing runs (shapes only).
+
+    Args:
+      model: a Flax module whose convolutions are `nn.Conv` (or subclasses) and dense
+        layers `nn.Dense`, applied as ``model.apply(variables, x)`` (eval mode).
+      variables: its variables; arrays or `jax.ShapeDtypeStruct`s.
+      x: a batch of inputs, (B, ...); array or `jax.ShapeDtypeStruct`.
+
+    Returns:
+      Multiply-adds of the whole batch divided by its size B.
+    """
+
+    def layers(mdl, method_name):
+        return method_name == "__call__" and isinstance(mdl, (nn.Conv, nn.Dense))
+
+    def outputs(variables, x):
+        _, state = model.apply(variables, x, capture_intermediates=layers,
+                               mutable=["intermediates"])
+        return state["intermediates"]
+
+    captured = flax.traverse_util.flatten_dict(jax.eval_shape(outputs, variables, x))
+    kernels = flax.traverse_util.flatten_dict(variables["params"])
+    total = 0
+    for path, output in captured.items():
+        if path[-1] != "__call__":  # activations the students sow, not layer outputs
+            continue
+        kernel = kernels[(*path[:-1], "kernel")]
+        # Every output entry of a layer is kernel.size / out_features multiply-adds.
+        total += math.prod(output[0].shape) * math.prod(kernel.shape[:-1])
+    return float(total) / x.shape[0]
+
+
 def count_flops(model: nn.Module, variables: Any, x: Any, **apply_kwargs: Any) -> float:
     """Counts XLA's floating-point operations of one forward pass, per example.
 
     Compiles `model.apply(variables, x, **apply_kwargs)` (students default to eval mode,
     `train=False`) for the default backend and reads the compiled program's cost
     analysis, so everything XLA counts is in: convolutions and matmuls (a multiply-add
-    is 2 FLOPs), BatchNorm, activations, pooling. Grouped convolutions count 1 / groups
-    of the dense cost, and XLA leaves out the taps that fall on a convolution's zero
-    padding (a padded 3x3 on a 32x32 map counts (94 / 96)^2 of 9 multiply-adds per
-    output), so a network's count is somewhat below twice its textbook multiply-adds.
-    Nothing runs.
+    is 2 FLOPs), BatchNorm, activations, pooling. XLA leaves out the taps that fall on
+    a convolution's zero padding (a padded 3x3 on a 32x32 map counts (94 / 96)^2 of 9
+    multiply-adds per output), so a network's count is somewhat below twice its
+    textbook multiply-adds. It counts what runs: a grouped `nn.Conv` costs 1 / groups of
+    the dense one, but our students' grouped convolutions run as block-diagonal chunks
+    of ungrouped ones (`_layers.conv_general_dilated`, fast on CPU) and count their
+    zeros; `count_macs` gives the architecture's count. Nothing runs.
 
     Args:
       model: a Flax module.
@@ -134,4 +176,5 @@ def count_flops(model: nn.Module, variables: Any, x: Any, **apply_kwargs: Any) -
     return float(costs["flops"]) / x.shape[0]
 
 
-__all__ = ["STUDENT_NAMES", "build_student", "cheap", "count_flops", "count_params"]
+__all__ = ["STUDENT_NAMES", "build_student", "cheap", "count_flops", "count_macs",
+           "count_params"]
