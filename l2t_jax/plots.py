@@ -155,7 +155,7 @@ def plot_weight_teacher(teacher, params: dict, states: list[tuple[int, np.ndarra
         ax.legend(fontsize=7)
     if loss_curve:
         _plot_loss_vs_p_true(axes[-1], teacher, params, states)
-    fig.suptitle(title)
+    fig.suptitle("\n".join(filter(None, (title, "the final teacher at the run's states"))))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
