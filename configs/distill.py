@@ -122,5 +122,5 @@ def get_config(arg: str = "mnist1d") -> ml_collections.ConfigDict:
         config.engine.window = 10
         if setting in ("cifar10", "cifar100", "fake_cifar10"):
             config.student.update(_wrn(10, 1))
-            config.target.model.update(_wrn(10, 2))
+            config.target.model.update(_wrn(10, 1))
     return config

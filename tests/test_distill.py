@@ -147,7 +147,7 @@ def test_l2t_at_kd_meta_gradient_matches_differences_and_a_loop_float64(x64):
         model, {"x": dev_x, "y": dev_y})
     batches = {"x": xs, "y": ys}
 
-    result = jax.jit(lambda p: engine.FullBackprop(remat="sqrt")(
+    result = jax.jit(lambda p: engine.FullBackprop()(
         step_fn, objective, p, state, batches))(params)
     grad = jax.flatten_util.ravel_pytree(result.grad)[0]
     assert float(jnp.abs(result.grad["bias"]).min()) > 1e-8  # every weight has a gradient
