@@ -33,14 +33,15 @@ def test_torch_and_jax_meta_gradients_agree():
 
 def test_distill_cost_quick(tmp_path):
     out = tmp_path / "distill_cost.json"
-    distill_cost.main(["--quick", "--settings=mnist1d", "--methods=kd,l2t-kd",
+    # kd and ce only: the l2t-kd outer step's compile would double the test's time.
+    distill_cost.main(["--quick", "--settings=mnist1d", "--methods=ce,kd",
                        "--repeats=1", f"--out={out}"])
     records = {r["method"]: r for r in json.loads(out.read_text())}
-    assert set(records) == {"kd", "l2t-kd"}
+    assert set(records) == {"ce", "kd"}
     assert records["kd"]["ratio_to_kd"] == 1.0
     for r in records.values():
         assert r["T"] == 10 and r["config"] == "configs/distill.py:mnist1d,smoke"
         assert r["median_s"] > 0 and r["compile_s"] > 0 and r["visible_cores"] >= 1
         assert r["gflop_per_step"] > 0 and r["gflops_achieved"] > 0
-    # The teacher's update adds the step's transpose and the dev objective.
-    assert records["l2t-kd"]["gflop_per_step"] > 2 * records["kd"]["gflop_per_step"]
+    # The target model's forward pass is in kd's count.
+    assert records["kd"]["gflop_per_step"] > records["ce"]["gflop_per_step"]
