@@ -416,7 +416,8 @@ def write_table(rows: list[dict], path: str) -> str:
               "selected on test). "
               "Methods are defined in `launch/results.py` (`METHODS`); what the numbers "
               "mean: [l2t_dlf.md](l2t_dlf.md), [l2t_dln.md](l2t_dln.md) (with the cost of "
-              "an L2T-DLN iteration), [robust.md](robust.md), populations: "
+              "an L2T-DLN iteration), [robust.md](robust.md), [distillation.md](distillation.md), "
+              "populations: "
               "[population.md](population.md). "
               "Regenerate with `python -m launch.results --workdir=DIR`.\n\n")
     text = header + "\n\n".join(s for s in sections if s is not None) + "\n"
