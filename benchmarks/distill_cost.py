@@ -1,9 +1,11 @@
-r"""What one distillation student step costs: l2t-kd against kd, ce, at-kd and l2t-at-kd.
+r"""What one distillation student step costs: l2t-kd against kd, ce, at-kd and l2t-at-kd;
+ONE and l2t-one against the base network.
 
 Launch, from the repository root:
 
     python -m benchmarks.distill_cost --quick   # smoke variants: ~1 min mnist1d, ~5 min mnist_5k
     python -m benchmarks.distill_cost           # the real settings (mnist_5k's l2t dominate)
+    python -m benchmarks.distill_cost --settings=one-mnist1d,one-mnist_5k --out=docs/one_cost.json
     ... [--repeats=3] [--threads=N] [--settings=mnist1d,mnist_5k] [--methods=kd,l2t-kd]
         [--out=docs/distill_cost.json]
 
@@ -24,9 +26,13 @@ interleaved rounds so that a busy host slows them alike.
   ``online_window`` student steps (`engine.TruncatedBackprop`; plus the dev objective
   and the dev-error feature); ``at-kd`` / ``l2t-at-kd`` (students with feature maps
   only, so ``mnist_5k``): KD plus attention transfer.
+* ``one-mnist1d``, ``one-mnist_5k``: `configs/one.py`'s settings, rows as in
+  `launch/results.py`: ``one-base`` (the base network, CE: the reference of the ratios),
+  ``one`` (3 branches, ONE's loss), ``l2t-one`` (its KL weight set by a loss teacher,
+  which also runs the student's forward pass outside its gradient: ``self_target``).
 * ``ms/step``: wall time of one outer step over its student steps
   (``loop.steps_per_call``), median over repeats [min, max]; ``x kd``: that median over
-  kd's (``ratio_to_kd``).
+  kd's (``ratio_to_kd``; ONE's: ``x one-base``, ``ratio_to_one_base``).
 * ``compile_s``: ``jit(...).lower(...).compile()`` seconds of the outer step.
 * ``GFLOP/step``: XLA's count (``compiled.cost_analysis()``) of one outer step, per
   student step; ``x kd``: over kd's. XLA counts a while loop's body once and a
@@ -64,15 +70,22 @@ import numpy as np
 from benchmarks import remat
 from benchmarks._records import timing_record, write_records
 from benchmarks.meta_grad import interleaved_times
-from configs import distill
+from configs import distill, one
 from l2t_jax import data, engine, methods, train
 
-# setting -> the methods timed in it (attention transfer needs feature maps: not the MLP)
+# setting -> the methods timed in it (attention transfer needs feature maps: not the MLP);
+# the one-* settings are configs/one.py's, their rows those of launch/results.py.
 SETTINGS = {
     "mnist1d": ("ce", "kd", "l2t-kd"),
     "mnist_5k": ("ce", "kd", "l2t-kd", "at-kd", "l2t-at-kd"),
+    "one-mnist1d": ("one-base", "one", "l2t-one"),
+    "one-mnist_5k": ("one-base", "one", "l2t-one"),
 }
 REFERENCE = "kd"
+ONE_PREFIX, ONE_REFERENCE = "one-", "one-base"
+# ONE's rows: the base network is configs/one.py's student with one branch, under CE.
+ONE_ROWS = {"one-base": ("ce", {"branches": 1}), "one": ("one", {}),
+            "l2t-one": ("l2t-one", {})}
 BENCHMARK = "distill_step_cost"
 # A method whose compiled outer step needs more temporary memory than this fraction of
 # the host's available memory is compiled and counted but not run.
@@ -193,27 +206,38 @@ def gflop_per_step(loop, compiled, state, batches, dev_every: int) -> float:
     return total / num_steps / 1e9
 
 
-def bench_setting(setting: str, method_names, quick: bool, repeats: int, threads: int,
-                  gemm_size: int) -> list[dict]:
+def _networks(config) -> dict:
+    """The record fields naming a config's student (and target model)."""
+    names = {"student": network_name(config.student)}
+    if "target" in config:
+        names["target"] = network_name(config.target.model)
+    return names
+
+
+def bench_setting(setting: str, configs: dict, config_file: str, quick: bool, repeats: int,
+                  threads: int, gemm_size: int, reference: str = REFERENCE) -> list[dict]:
     """Compiles, counts and times each method's student step in one setting.
 
     Args:
-        setting: a key of `SETTINGS`.
-        method_names: the methods to time, kd (the reference) among them.
-        quick: use the setting's ``smoke`` variant.
+        setting: the setting's name (``configs/x.py:<setting>``).
+        configs: the configs to time by row name (``config.method`` set), the
+            reference among them.
+        config_file: their config file, for the records.
+        quick: whether they are the setting's ``smoke`` variant.
         repeats: timed outer steps per method.
         threads: the visible cores (recorded).
         gemm_size: the side of the reference GEMM.
+        reference: the row the ratios divide by (``ratio_to_<reference>``,
+            ``gflop_ratio_to_<reference>``, with '_' for '-').
 
     Returns:
-        One record per method (module docstring); a method too big to run has one with
+        One record per row (module docstring); a row too big to run has one with
         ``skipped`` (why) instead of times.
     """
     arg = f"{setting},smoke" if quick else setting
+    ratio = reference.replace("-", "_")
     entries, skipped = {}, []
-    for name in method_names:
-        config = distill.get_config(arg)
-        config.method = name
+    for name, config in configs.items():
         phase, state, splits = student_phase(config)
         loop = phase.loop
         batches = loop.batches(splits, config.seed, 0)
@@ -229,12 +253,10 @@ def bench_setting(setting: str, method_names, quick: bool, repeats: int, threads
             reason = (f"XLA temp {temp_mb:.0f} MB > {MEMORY_FRACTION:.0%} of the "
                       f"{available:.0f} MB available")
             print(f"  {setting} {name}: not timed: {reason}", flush=True)
-            skipped.append(dict(benchmark=BENCHMARK, framework="jax",
-                                student=network_name(config.student),
-                                target=network_name(config.target.model),
+            skipped.append(dict(benchmark=BENCHMARK, framework="jax", **_networks(config),
                                 T=loop.steps_per_call,
                                 threads=threads, setting=setting, method=name,
-                                config=f"configs/distill.py:{arg}", skipped=reason,
+                                config=f"{config_file}:{arg}", skipped=reason,
                                 compile_s=compile_s, gflop_per_step=gflop,
                                 xla_temp_mb=temp_mb))
             continue
@@ -256,25 +278,26 @@ def bench_setting(setting: str, method_names, quick: bool, repeats: int, threads
     other_cores = ((others_after[0] - others_before[0])
                    - (others_after[1] - others_before[1])) / wall
     reference_ms = reference_gflop = float("nan")
-    if REFERENCE in entries:
-        reference = entries[REFERENCE]
-        reference_ms = 1e3 * np.median(times[REFERENCE]) / reference["loop"].steps_per_call
-        reference_gflop = reference["gflop"]
+    if reference in entries:
+        steps = entries[reference]["loop"].steps_per_call
+        reference_ms = 1e3 * np.median(times[reference]) / steps
+        reference_gflop = entries[reference]["gflop"]
     records = []
     for name, e in entries.items():
         config, num_steps = e["config"], e["loop"].steps_per_call
         ms = [1e3 * t / num_steps for t in times[name]]
         median_ms = float(np.median(ms))
         achieved = e["gflop"] / (median_ms / 1e3)
+        networks = _networks(config)
         records.append(timing_record(
-            BENCHMARK, "jax", network_name(config.student), num_steps, threads, times[name],
-            remat.peak_rss_mb(), setting=setting, config=f"configs/distill.py:{arg}",
-            method=name, target=network_name(config.target.model),
-            batch_size=config.train.batch_size,
+            BENCHMARK, "jax", networks.pop("student"), num_steps, threads, times[name],
+            remat.peak_rss_mb(), setting=setting, config=f"{config_file}:{arg}",
+            method=name, **networks, batch_size=config.train.batch_size,
             ms_per_step_median=median_ms, ms_per_step_min=float(np.min(ms)),
             ms_per_step_max=float(np.max(ms)),
-            ratio_to_kd=median_ms / reference_ms, compile_s=e["compile_s"],
-            gflop_per_step=e["gflop"], gflop_ratio_to_kd=e["gflop"] / reference_gflop,
+            **{f"ratio_to_{ratio}": median_ms / reference_ms,
+               f"gflop_ratio_to_{ratio}": e["gflop"] / reference_gflop},
+            compile_s=e["compile_s"], gflop_per_step=e["gflop"],
             gflops_achieved=achieved,
             gemm_gflops=gemm, gemm_size=gemm_size, fraction_of_gemm=achieved / gemm,
             xla_temp_mb=e["temp_mb"], visible_cores=threads, cpu_count=os.cpu_count(),
@@ -282,21 +305,56 @@ def bench_setting(setting: str, method_names, quick: bool, repeats: int, threads
     return records + skipped
 
 
-HEADER = (f"{'setting':>8} {'method':>9} {'T':>3} {'ms/step':>8} {'[min, max]':>17} "
-          f"{'x kd':>5} {'compile_s':>9} {'GFLOP/step':>10} {'x kd':>5} {'GFLOP/s':>8} "
-          f"{'%GEMM':>6} {'xla_tmp_MB':>10}")
+def header(reference: str = REFERENCE) -> str:
+    """The table's header, its ratios over `reference`."""
+    ratio = f"x {reference}"
+    return (f"{'setting':>8} {'method':>9} {'T':>3} {'ms/step':>8} {'[min, max]':>17} "
+            f"{ratio:>5} {'compile_s':>9} {'GFLOP/step':>10} {ratio:>5} {'GFLOP/s':>8} "
+            f"{'%GEMM':>6} {'xla_tmp_MB':>10}")
 
 
-def format_row(r: dict) -> str:
+def format_row(r: dict, reference: str = REFERENCE) -> str:
     """One table row of a record (a method that was not timed says why)."""
     if "skipped" in r:
         return f"{r['setting']:>8} {r['method']:>9} {r['T']:>3} not timed: {r['skipped']}"
     span = f"[{r['ms_per_step_min']:.2f}, {r['ms_per_step_max']:.2f}]"
+    ratio = reference.replace("-", "_")
     return (f"{r['setting']:>8} {r['method']:>9} {r['T']:>3} {r['ms_per_step_median']:>8.2f} "
-            f"{span:>17} {r['ratio_to_kd']:>5.2f} {r['compile_s']:>9.1f} "
-            f"{r['gflop_per_step']:>10.4f} {r['gflop_ratio_to_kd']:>5.2f} "
+            f"{span:>17} {r[f'ratio_to_{ratio}']:>5.2f} {r['compile_s']:>9.1f} "
+            f"{r['gflop_per_step']:>10.4f} {r[f'gflop_ratio_to_{ratio}']:>5.2f} "
             f"{r['gflops_achieved']:>8.2f} "
             f"{100 * r['fraction_of_gemm']:>5.1f}% {r['xla_temp_mb']:>10.1f}")
+
+
+def print_records(records: list[dict], reference: str = REFERENCE) -> None:
+    """Prints one setting's GEMM line and table."""
+    timed = [r for r in records if "skipped" not in r]
+    if timed:
+        print(f"{records[0]['setting']}: float32 GEMM {timed[0]['gemm_size']}^3 "
+              f"{timed[0]['gemm_gflops']:.1f} GFLOP/s; other processes kept "
+              f"{timed[0]['other_processes_cores']:.2f} cores busy")
+    print(header(reference))
+    for r in records:
+        print(format_row(r, reference), flush=True)
+
+
+def setting_configs(setting: str, names, quick: bool) -> tuple[dict, str, str]:
+    """The configs of one setting's rows, their config file and the reference row."""
+    one_setting = setting.startswith(ONE_PREFIX)
+    arg = setting.removeprefix(ONE_PREFIX) + (",smoke" if quick else "")
+    configs = {}
+    for name in names:
+        if one_setting:
+            method, student = ONE_ROWS[name]
+            config = one.get_config(arg)
+            config.student.update(student)
+        else:
+            method, config = name, distill.get_config(arg)
+        config.method = method
+        configs[name] = config
+    if one_setting:
+        return configs, "configs/one.py", ONE_REFERENCE
+    return configs, "configs/distill.py", REFERENCE
 
 
 def main(argv=None) -> None:
@@ -330,15 +388,10 @@ def main(argv=None) -> None:
         names = SETTINGS[setting]
         if args.methods:
             names = tuple(m for m in args.methods.split(",") if m in names)
-        new = bench_setting(setting, names, args.quick, repeats, threads, gemm_size)
-        timed = [r for r in new if "skipped" not in r]
-        if timed:
-            print(f"{setting}: float32 GEMM {gemm_size}^3 {timed[0]['gemm_gflops']:.1f} "
-                  f"GFLOP/s; other processes kept {timed[0]['other_processes_cores']:.2f} "
-                  "cores busy")
-        print(HEADER)
-        for r in new:
-            print(format_row(r), flush=True)
+        configs, config_file, reference = setting_configs(setting, names, args.quick)
+        new = bench_setting(setting.removeprefix(ONE_PREFIX), configs, config_file,
+                            args.quick, repeats, threads, gemm_size, reference)
+        print_records(new, reference)
         records.extend(new)
     print(f"total {time.perf_counter() - start:.1f} s; process peak RSS "
           f"{remat.peak_rss_mb():.0f} MB")

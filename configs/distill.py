@@ -45,11 +45,28 @@ SETTINGS = ("mnist1d", "mnist_5k", "cifar10", "cifar100", "fake_cifar10")
 OPTIONS = ("noisy", "moonshine", "smoke")
 # The papers' CIFAR schedule in steps: 45,000 training images (5,000 kept for dev) in
 # batches of 128 are 352 steps an epoch.
-_CIFAR_EPOCH = 352
+CIFAR_EPOCH = 352
 
 
 def _wrn(depth: int, widen_factor: int) -> dict:
     return dict(name="wrn", depth=depth, widen_factor=widen_factor, dropout_rate=0.0)
+
+
+def online_weight_teacher(config: ml_collections.ConfigDict) -> None:
+    """The loss teachers of hand-set weights learn online while the reported student
+    trains: Adam 0.03 every 50 steps, from the meta-gradient through those steps."""
+    config.teacher.update(num_episodes=0, teach_online=True, online_window=50,
+                          restart="fresh", pretrain_steps=0, optimizer="adam",
+                          learning_rate=0.03)
+    config.engine.update(estimator="truncated", window=50)
+
+
+def smoke_schedule(config: ml_collections.ConfigDict) -> None:
+    """A few seconds' run (tests): 20 steps of at most 16 examples, windows of 10."""
+    config.train.update(num_steps=20, log_every=10, eval_every=10, checkpoint_every=10,
+                        batch_size=min(config.train.batch_size, 16))
+    config.teacher.online_window = 10
+    config.engine.window = 10
 
 
 def get_config(arg: str = "mnist1d") -> ml_collections.ConfigDict:
@@ -78,11 +95,7 @@ def get_config(arg: str = "mnist1d") -> ml_collections.ConfigDict:
         temperature_range=(1.0, 10.0),  # what a loss teacher may set
         beta_range=(0.0, 1e4),
     ))
-    # The loss teachers learn online while the reported student trains.
-    config.teacher.update(num_episodes=0, teach_online=True, online_window=50,
-                          restart="fresh", pretrain_steps=0, optimizer="adam",
-                          learning_rate=0.03)
-    config.engine.update(estimator="truncated", window=50)
+    online_weight_teacher(config)
 
     if setting == "mnist1d":
         config.student.update(name="mlp", hidden=(100, 100), activation="relu")
@@ -102,9 +115,9 @@ def get_config(arg: str = "mnist1d") -> ml_collections.ConfigDict:
         epochs = 200
         config.optimizer.update(
             name="momentum", learning_rate=0.1, weight_decay=5e-4, schedule="step",
-            boundaries=tuple(e * _CIFAR_EPOCH for e in (60, 120, 160)), decay_factor=0.2)
-        config.train.update(num_steps=epochs * _CIFAR_EPOCH, batch_size=128, log_every=50,
-                            eval_every=_CIFAR_EPOCH * 2, checkpoint_every=_CIFAR_EPOCH * 2)
+            boundaries=tuple(e * CIFAR_EPOCH for e in (60, 120, 160)), decay_factor=0.2)
+        config.train.update(num_steps=epochs * CIFAR_EPOCH, batch_size=128, log_every=50,
+                            eval_every=CIFAR_EPOCH * 2, checkpoint_every=CIFAR_EPOCH * 2)
         config.engine.remat = "sqrt"
     config.target.num_steps = config.train.num_steps
 
@@ -115,11 +128,8 @@ def get_config(arg: str = "mnist1d") -> ml_collections.ConfigDict:
         config.student = ml_collections.ConfigDict(dict(config.target.model))
         config.student.conv = "dconv"
     if "smoke" in tokens:
-        config.train.update(num_steps=20, log_every=10, eval_every=10, checkpoint_every=10,
-                            batch_size=min(config.train.batch_size, 16))
+        smoke_schedule(config)
         config.target.num_steps = 20
-        config.teacher.online_window = 10
-        config.engine.window = 10
         if setting in ("cifar10", "cifar100", "fake_cifar10"):
             config.student.update(_wrn(10, 1))
             config.target.model.update(_wrn(10, 1))

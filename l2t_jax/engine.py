@@ -238,6 +238,7 @@ def make_student_step(
     *,
     activations: tuple[str, ...] = (),
     target: TargetModel | None = None,
+    self_target: bool = False,
 ) -> StepFn:
     """Builds the pure inner step of a student trained on a teacher-controlled loss.
 
@@ -252,6 +253,12 @@ def make_student_step(
             (``output.activations``).
         target: a frozen target model run on the same augmented batch; the loss reads
             its output as ``batch["target"]``.
+        self_target: the loss reads the student's own output (train mode, the step's
+            parameters, the named activations) as ``batch["target"]`` instead: computed
+            outside the student's gradient, so the step treats it as a constant while a
+            meta-gradient through the step still follows it. (A `jax.lax.stop_gradient`
+            inside the loss would cut that path from the meta-gradient too.) Costs one
+            more forward pass per step.
 
     Returns:
         ``step(meta_params, state, batch) -> (state, metrics)`` where ``batch`` has
@@ -265,6 +272,10 @@ def make_student_step(
         seen = {**batch, "x": x}
         if target is not None:
             seen["target"] = target(x)
+        if self_target:
+            seen["target"] = student_output(
+                model, state.params, state.model_state, x, train=True, rng=dropout_rng,
+                activations=activations)[0]
 
         def student_loss(params):
             output, model_state = student_output(

@@ -4,8 +4,10 @@ The config's method (looked up by name in the registry, `l2t_jax.methods`) is bu
 into a plan of one or more phases, each resumable on its own in its own directory: for
 example L2T-DLF's teacher episodes in ``workdir/teacher``, then the reported student in
 ``workdir``. The last phase trains the reported student, evaluated on dev and test; its
-test error is the one at the step with the lowest dev error. The method then writes its
-own files (learned losses, snapshots) and summary fields.
+test error is the one at the step with the lowest dev error. A network with other
+readings of its variables (`students.views`: a multi-branch student's gated ensemble) has
+each evaluated beside it, at the same dev-selected step. The method then writes its own
+files (learned losses, snapshots) and summary fields.
 
 Nothing below this module knows about files, flags or logging, except what a method's
 plan writes at its end.
@@ -26,7 +28,7 @@ from absl import logging
 from l2t_jax import checkpoint, data, engine, evaluation, methods, metrics, optimizers
 from l2t_jax.errors import ConfigError
 from l2t_jax.methods import Schedule
-from l2t_jax.students import build_student
+from l2t_jax.students import build_student, views
 
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = checkpoint.RUN_CONFIG_FILE
@@ -138,6 +140,8 @@ def run_phase(method: methods.OuterLoop, state, splits: data.Splits, workdir: st
             "dev_error": jnp.asarray(np.inf, jnp.float32),
             "test_error": jnp.asarray(np.nan, jnp.float32),
             "step": jnp.asarray(-1, jnp.int32),
+            **{f"{name}_test_error": jnp.asarray(np.nan, jnp.float32)
+               for name in views(method.model)},
         }
     checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
     full_state, start_step = checkpointer.restore_or(full_state)
@@ -189,17 +193,24 @@ def run_phase(method: methods.OuterLoop, state, splits: data.Splits, workdir: st
         "test_error": float(full_state["best"]["test_error"]),
         "wall_seconds_this_run": time.perf_counter() - start_time,
     }
+    for name in views(method.model):
+        summary[f"{name}_test_error"] = float(full_state["best"][f"{name}_test_error"])
+        summary[f"final_{name}_test_error"] = final[f"test/{name}_error"]
     return full_state["method"], summary
 
 
 def _evaluate_splits(method, state: dict, splits: data.Splits, batch_size: int) -> dict:
-    """Dev and test error (%) and loss of the method's current student."""
+    """Dev and test error (%) and loss of the method's current student (and the error
+    of each of its views, as ``<split>/<view>_error``)."""
     student = method.student(state["method"])
     scalars = {}
     for split in ("dev", "test"):
         arrays = getattr(splits, split)
         result = evaluation.evaluate(method.model, student, arrays.x, arrays.y, batch_size)
         scalars.update({f"{split}/{k}": v for k, v in result.items()})
+        for name, view in views(method.model).items():
+            result = evaluation.evaluate(view, student, arrays.x, arrays.y, batch_size)
+            scalars[f"{split}/{name}_error"] = result["error"]
     return scalars
 
 
@@ -213,6 +224,8 @@ def _evaluate(method, state: dict, splits: data.Splits, schedule: Schedule,
             "dev_error": jnp.asarray(scalars["dev/error"], jnp.float32),
             "test_error": jnp.asarray(scalars["test/error"], jnp.float32),
             "step": jnp.asarray(step, jnp.int32),
+            **{f"{name}_test_error": jnp.asarray(scalars[f"test/{name}_error"], jnp.float32)
+               for name in views(method.model)},
         }
     scalars["best/test_error_at_best_dev"] = float(state["best"]["test_error"])
     return scalars

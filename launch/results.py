@@ -42,6 +42,11 @@ student, optimizer, step budget and dev selection:
   model), for the blocks of `MOONSHINE_BLOCKS`; their records add the student's
   parameters, multiply-adds and XLA FLOPs per example, and ``moonshine.png`` draws
   error against parameters.
+* ONE, online distillation (configs/one.py; the settings' base networks with their last
+  stage in 3 branches): ``one-base`` (the base network alone, CE), ``one`` (ONE's ramp),
+  ``l2t-one`` (the KL weight set by a loss teacher). The test error of ``one`` and
+  ``l2t-one`` is the deployable branch's; the gated ensemble's is in
+  ``ensemble_test_error`` (and in the table's cells).
 * Online teaching over a full-length training (option ``online``: 10 episode lengths,
   teacher updated every 50 steps by truncated backprop, no episodes): ``ce-ol``,
   ``l2t-dlf-fixed-ol``, ``l2t-dlf-ol``.
@@ -72,7 +77,7 @@ import numpy as np
 from absl import app, flags, logging
 
 import launch
-from configs import distill, l2t_dlf, l2t_dln, robust
+from configs import distill, l2t_dlf, l2t_dln, one, robust
 from l2t_jax import data, plots, students, train
 
 # The taught warm DLN under the proper rule (scale preserved), and with the descent test.
@@ -142,6 +147,9 @@ METHODS = {
         "teacher.num_episodes": 8, "teacher.episode_steps": 3000,
         "teacher.teach_online": False, "teacher.learning_rate": 0.1,
         "engine.estimator": "full", "engine.remat": "sqrt"}),
+    "one-base": (one, "", "ce", {"student.branches": 1}),
+    "one": (one, "", "one", {}),
+    "l2t-one": (one, "", "l2t-one", {}),
 }
 # Moonshine: the target's own architecture with cheap blocks (config.student.conv),
 # alone (CE) and with AT + KD from the target model: rows ms-<block>, ms-<block>-at-kd.
@@ -222,6 +230,19 @@ def run_one(config, dataset: str, noise: float, method: str, seed: int) -> dict:
     return train.train_and_evaluate(config, workdir)
 
 
+def _std(values: list[float]) -> float:
+    """The sample standard deviation (0 for one value)."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def _views(summary: dict) -> list[str]:
+    """The other readings of the student a run's summary reports (`students.views`):
+    ``ensemble`` for a multi-branch student."""
+    return [key.removesuffix("_test_error") for key in summary
+            if key.endswith("_test_error") and key != "test_error"
+            and not key.startswith("final_")]
+
+
 def student_cost(config) -> dict:
     """The config's student: its cheap block, parameters, multiply-adds (the
     architecture's) and XLA FLOPs (what runs here) per example, of an eval forward pass
@@ -257,9 +278,13 @@ def main(argv):
                 record = {
                     "dataset": dataset, "noise": noise, "student": config.student.name,
                     "method": method, "seeds": list(range(_SEEDS.value)),
-                    "test_error": errors, "mean": float(np.mean(errors)),
-                    "std": float(np.std(errors, ddof=1)) if len(errors) > 1 else 0.0,
+                    "test_error": errors, "mean": float(np.mean(errors)), "std": _std(errors),
                 }
+                for view in _views(summaries[0]):
+                    view_errors = [s[f"{view}_test_error"] for s in summaries]
+                    record.update({f"{view}_test_error": view_errors,
+                                   f"{view}_mean": float(np.mean(view_errors)),
+                                   f"{view}_std": _std(view_errors)})
                 if "target" in config:
                     record["target"] = config.target.model.name
                 if method.startswith("ms-"):
@@ -295,6 +320,9 @@ GROUPS = {
     "the student column names the distilled student)": (
         "kd-target", "kd-student", "kd", "at", "at-kd", "l2t-kd", "l2t-at", "l2t-at-kd",
         "l2t-kd-ep"),
+    "ONE, online distillation (configs/one.py: one-base is the base network; the error "
+    "of one and l2t-one is the deployable branch's, the gated ensemble's follows it)": (
+        "one-base", "one", "l2t-one"),
     "L2T-DLF group, teacher on a separate meta-dev split (150 of the dev examples: of 300 "
     "on digits, 500 on mnist1d; selection on the rest)": ("ce-md", "l2t-dlf-fixed-md",
                                                           "l2t-dlf-md"),
@@ -350,6 +378,9 @@ def _table(title: str, columns: dict[str, str], rows: list[dict], usual: int) ->
             match = [r for r in group_rows if (r["dataset"], r["noise"], r["method"]) ==
                      (dataset, noise, method)]
             cell = f"{match[0]['mean']:.2f} +- {match[0]['std']:.2f}" if match else ""
+            for view in [k.removesuffix("_mean") for k in (match[0] if match else {})
+                         if k.endswith("_mean")]:
+                cell += f"; {view} {match[0][view + '_mean']:.2f} +- {match[0][view + '_std']:.2f}"
             if match and len(match[0]["seeds"]) != usual:
                 cell += f" [{len(match[0]['seeds'])} seeds]"
             if match and match[0].get("overrides"):
@@ -417,6 +448,7 @@ def write_table(rows: list[dict], path: str) -> str:
               "Methods are defined in `launch/results.py` (`METHODS`); what the numbers "
               "mean: [l2t_dlf.md](l2t_dlf.md), [l2t_dln.md](l2t_dln.md) (with the cost of "
               "an L2T-DLN iteration), [robust.md](robust.md), [distillation.md](distillation.md), "
+              "[one.md](one.md), "
               "populations: "
               "[population.md](population.md). "
               "Regenerate with `python -m launch.results --workdir=DIR`.\n\n")

@@ -4,22 +4,19 @@ import json
 
 import pytest
 
-from configs import distill
+from configs import distill, one
 from l2t_jax import plots, train
 from l2t_jax.errors import ConfigError
 from l2t_jax.methods import distill as distill_methods
 from launch import results
 
 
-def _distillation_row(method):
-    return results.METHODS[method][0] is distill
-
-
 @pytest.mark.parametrize("method", list(results.METHODS))
 @pytest.mark.parametrize("dataset", ["digits", "mnist_5k", "mnist1d"])
 def test_every_method_row_is_a_valid_config(method, dataset):
-    if _distillation_row(method) and dataset not in distill.SETTINGS:
-        pytest.skip("the distillation rows run on the distillation settings")
+    module = results.METHODS[method][0]
+    if module in (distill, one) and dataset not in module.SETTINGS:
+        pytest.skip("the distillation rows run on their configs' settings")
     if dataset == "mnist1d" and method.startswith("ms-"):
         with pytest.raises(ValueError, match="moonshine needs a residual target"):
             results.method_config(dataset, method)
@@ -32,6 +29,8 @@ def test_every_method_row_is_a_valid_config(method, dataset):
         return
     train.validate_config(config)
     assert config.data.noise_rate == 0.4
+    if method == "one-base":
+        assert config.method == "ce" and config.student.branches == 1
     if method == "l2t-dlf-pop4":
         assert config.teacher.population_size == 4
     if method == "l2t-dln-warm":
@@ -56,6 +55,17 @@ def test_table_has_a_column_per_method_and_a_row_per_setting(tmp_path):
     assert text.count("### ") == 2
     assert "over 2 seeds" in text and "seeds]" not in text
     json.dumps(rows)  # the records are plain JSON
+
+
+def test_a_multi_branch_row_shows_its_ensemble_beside_the_branch(tmp_path):
+    summaries = [{"test_error": e, "final_test_error": e, "ensemble_test_error": e - 1,
+                  "final_ensemble_test_error": e - 1} for e in (10.0, 12.0)]
+    assert results._views(summaries[0]) == ["ensemble"]
+    rows = [{"dataset": "mnist1d", "noise": 0.0, "student": "cnn1d", "method": "one",
+             "seeds": [0, 1], "mean": 11.0, "std": 1.41, "ensemble_mean": 10.0,
+             "ensemble_std": 1.41}]
+    text = results.write_table(rows, str(tmp_path / "results.md"))
+    assert "| 11.00 +- 1.41; ensemble 10.00 +- 1.41 |" in text
 
 
 def test_overrides_convert_types_skip_other_methods_and_are_flagged(tmp_path):

@@ -117,3 +117,33 @@ def attention_transfer(betas: Mapping[str, jax.Array], student: Mapping[str, jax
     """
     return sum(beta * attention_distance(student[name], target[name])
                for name, beta in betas.items())
+
+
+def online_ensemble_loss(kl_weight: jax.Array, temperature: jax.Array,
+                         branch_logits: jax.Array, ensemble_logits: jax.Array,
+                         target_logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """ONE's loss: ``sum_i CE(z_i) + CE(z_e) + w sum_i T^2 KL(p_t^T || p_i^T)``.
+
+    Each branch distils (`kd_divergence`, the same reduction as KD) from `target_logits`:
+    the gated ensemble's logits with their gradient stopped, so that the gate learns
+    only from the ensemble's cross-entropy.
+
+    Args:
+        kl_weight: w, the weight of the distillation terms (ONE's ramp, or a loss
+            teacher's).
+        temperature: T > 0.
+        branch_logits: (B, m, C), the branches' logits z_i.
+        ensemble_logits: (B, C), the gated ensemble's z_e (its cross-entropy).
+        target_logits: (B, C), z_e as the branches' target; the caller stops its
+            gradient (`jax.lax.stop_gradient`, or computed outside the student's
+            gradient: `engine.make_student_step`'s ``self_target``).
+        labels: (B,) integer training labels.
+
+    Returns:
+        Scalar; each CE is the batch mean.
+    """
+    branch_ce = jax.vmap(mean_cross_entropy, in_axes=(1, None))(branch_logits, labels)
+    branch_kl = jax.vmap(kd_divergence, in_axes=(1, None, None))(branch_logits, target_logits,
+                                                                temperature)
+    return (jnp.sum(branch_ce) + mean_cross_entropy(ensemble_logits, labels)
+            + kl_weight * jnp.sum(branch_kl))

@@ -114,8 +114,9 @@ class EpisodicTeacherTraining:
         augment: augmentation kind.
         feature_dev_size: dev examples the dev-error feature reads.
         population: students per episode and their mesh (default: one student).
-        activations, target_model, target_activations: what the loss reads besides the
-            logits, as in `teaching.Teaching` (distillation: `teaching.TargetRun`).
+        activations, target_model, target_activations, self_target: what the loss reads
+            besides the logits, as in `teaching.Teaching` (distillation:
+            `teaching.TargetRun`).
     """
 
     model: nn.Module
@@ -133,6 +134,7 @@ class EpisodicTeacherTraining:
     activations: tuple[str, ...] = ()
     target_model: nn.Module | None = None
     target_activations: tuple[str, ...] = ()
+    self_target: bool = False
 
     def _teaching(self, loss_fn) -> Teaching:
         """The same student step and batches as the teaching phase (one place)."""
@@ -141,7 +143,8 @@ class EpisodicTeacherTraining:
                         teachers.initial_stats(self.teacher.num_classes),
                         feature_dev_size=self.feature_dev_size,
                         activations=self.activations, target_model=self.target_model,
-                        target_activations=self.target_activations)
+                        target_activations=self.target_activations,
+                        self_target=self.self_target)
 
     def init(self, rng: jax.Array, splits: data.Splits,
              start: engine.StudentState | None = None,
@@ -290,10 +293,11 @@ def stats_builder(config: ml_collections.ConfigDict, model: nn.Module) -> StatsB
 
 
 def build_episodic(config: ml_collections.ConfigDict, splits: data.Splits,
-                   teacher: Any, target: teaching.TargetRun | None = None
+                   teacher: Any, target: teaching.TargetRun | None = None,
+                   activations: tuple[str, ...] = (), self_target: bool = False
                    ) -> EpisodicTeacherTraining:
     """The episodic teacher-training phase's loop from ``config.teacher`` (with the
-    target model the loss reads, if any)."""
+    target model and the student's activations the loss reads, if any)."""
     model = students.build_student(config.student, splits.num_classes)
     t = config.teacher
     return EpisodicTeacherTraining(
@@ -309,15 +313,17 @@ def build_episodic(config: ml_collections.ConfigDict, splits: data.Splits,
         augment=config.data.augment,
         feature_dev_size=t.feature_dev_size,
         population=teaching.build_population(config, "teacher", config.train.batch_size),
-        **({} if target is None else target.fields()),
+        **teaching.loss_reads(target, activations, self_target),
     )
 
 
 def build_taught_student(config: ml_collections.ConfigDict, splits: data.Splits,
                          teacher: Any, taught: bool,
-                         target: teaching.TargetRun | None = None) -> Teaching:
+                         target: teaching.TargetRun | None = None,
+                         activations: tuple[str, ...] = (),
+                         self_target: bool = False) -> Teaching:
     """The reported student's loop under the teacher (learning online when asked), with
-    the target model the loss reads, if any."""
+    the target model and the student's activations the loss reads, if any."""
     t = config.teacher
     online = taught and t.teach_online
     model = students.build_student(config.student, splits.num_classes)
@@ -329,13 +335,15 @@ def build_taught_student(config: ml_collections.ConfigDict, splits: data.Splits,
         initial_stats=teachers.initial_stats(splits.num_classes),
         teacher_update=teaching.teacher_update(config, "teacher") if online else None,
         feature_dev_size=t.feature_dev_size,
-        **({} if target is None else target.fields()),
+        **teaching.loss_reads(target, activations, self_target),
     )
 
 
 def feature_teacher_plan(config: ml_collections.ConfigDict, splits: data.Splits,
                          rng: jax.Array, teacher: Any, taught: bool,
-                         target: teaching.TargetRun | None = None) -> base.Plan:
+                         target: teaching.TargetRun | None = None,
+                         activations: tuple[str, ...] = (),
+                         self_target: bool = False) -> base.Plan:
     """A state-feature teacher method: the teacher's episodes (if taught and asked for),
     then the reported student under the teacher (taught online if asked for).
 
@@ -346,6 +354,8 @@ def feature_teacher_plan(config: ml_collections.ConfigDict, splits: data.Splits,
         teacher: the teacher's structure (`teachers.DLFTeacher`, `teachers.WeightTeacher`).
         taught: whether the teacher learns; False: the loss at its untaught parameters.
         target: the target model the loss reads (distillation); its phase runs first.
+        activations: the student's named activations the loss reads (without a target).
+        self_target: the loss reads the student's own output (`teaching.loss_reads`).
 
     Returns:
         The plan; its finish writes the final teacher parameters (`TEACHER_PARAMS_FILE`).
@@ -356,7 +366,8 @@ def feature_teacher_plan(config: ml_collections.ConfigDict, splits: data.Splits,
     phases = [] if target is None else [target.phase]
     taught_start = None
     if episodes:
-        episodic = build_episodic(config, splits, teacher, target)
+        episodic = build_episodic(config, splits, teacher, target, activations,
+                                  self_target)
         start = teaching.configured_start(
             config, splits, episodic.model, student_rng,
             stats=teachers.initial_stats(splits.num_classes), population=episodic.population)
@@ -380,7 +391,8 @@ def feature_teacher_plan(config: ml_collections.ConfigDict, splits: data.Splits,
             return jax.device_get(finished[TEACHER_DIR].teacher_params)
         return teacher.init(teacher_rng)
 
-    student = build_taught_student(config, splits, teacher, taught, target)
+    student = build_taught_student(config, splits, teacher, taught, target, activations,
+                                   self_target)
     phases.append(teaching.student_phase(config, splits, student, student_rng, loss_params,
                                          start=taught_start, nonfinite_section="teacher",
                                          target=target))

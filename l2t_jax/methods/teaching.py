@@ -141,6 +141,8 @@ class Teaching:
         target_model: a frozen network run on the same augmented batch, whose output the
             loss reads as ``batch["target"]`` (its variables live in the state); None.
         target_activations: the target model's activations the loss reads.
+        self_target: the loss reads the student's own output as ``batch["target"]``
+            (`engine.make_student_step`).
     """
 
     model: nn.Module
@@ -156,6 +158,7 @@ class Teaching:
     activations: tuple[str, ...] = ()
     target_model: nn.Module | None = None
     target_activations: tuple[str, ...] = ()
+    self_target: bool = False
 
     def init(self, rng: jax.Array, splits: data.Splits, loss_params: Any = None,
              start: engine.StudentState | None = None,
@@ -213,7 +216,8 @@ class Teaching:
             target = engine.TargetModel(self.target_model, target_variables,
                                         self.target_activations)
         return engine.make_student_step(self.model, self.loss_fn, self.tx, augment, stats_fn,
-                                        activations=self.activations, target=target)
+                                        activations=self.activations, target=target,
+                                        self_target=self.self_target)
 
     def outer_step(self, state: TeachingState, batches: dict):
         """Trains `steps_per_call` steps (and updates a learning loss teacher)."""
@@ -272,6 +276,21 @@ class TargetRun:
         target = finished[self.phase.name].student
         return jax.tree_util.tree_map(jax.numpy.array,
                                       {"params": target.params, **target.model_state})
+
+
+def loss_reads(target: TargetRun | None = None, activations: tuple[str, ...] = (),
+               self_target: bool = False) -> dict:
+    """The `Teaching` fields that put what a loss reads into the student's step.
+
+    Args:
+        target: a target model (whose activations the loss reads in both networks).
+        activations: without a target, the student's named activations the loss reads.
+        self_target: without a target, the loss reads the student's own output as its
+            target (`engine.make_student_step`).
+    """
+    if target is not None:
+        return target.fields()
+    return {"activations": activations, "self_target": self_target}
 
 
 def pretrained_start(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
@@ -388,7 +407,8 @@ def student_phase(config: ml_collections.ConfigDict, splits: data.Splits,
 def fixed_loss_plan(config: ml_collections.ConfigDict, splits: data.Splits, rng: jax.Array,
                     loss_fn: engine.LossFn, loss_params: Callable[[jax.Array], PyTree] | None
                     = None, finish=base.no_outputs,
-                    nonfinite_section: str | None = None) -> base.Plan:
+                    nonfinite_section: str | None = None,
+                    activations: tuple[str, ...] = ()) -> base.Plan:
     """One phase: the student trained under a loss that does not learn.
 
     Args:
@@ -400,10 +420,11 @@ def fixed_loss_plan(config: ml_collections.ConfigDict, splits: data.Splits, rng:
         loss_params: ``loss_params(rng) -> params`` of the loss; None: no parameters.
         finish: see `base.Plan`.
         nonfinite_section: see `base.Phase`.
+        activations: the student's named activations the loss reads.
     """
     loss_rng, student_rng = jax.random.split(rng)
     params = None if loss_params is None else loss_params(loss_rng)
-    teaching = student_teaching(config, splits, loss_fn)
+    teaching = student_teaching(config, splits, loss_fn, activations=activations)
     phase = student_phase(config, splits, teaching, student_rng, lambda finished: params,
                           nonfinite_section=nonfinite_section)
     return base.Plan((phase,), finish)

@@ -15,6 +15,10 @@ The residual students (`wrn`, `resnet_he`, `resnet_wide`) take `config.student.c
 convolutions (Crowley et al. 2018; `cheap` lists them: "dconv", "dconv_g<N>",
 "dconv_a<N>", "b<M>", "g<N>b<M>", "a<N>b<M>", "dconv_b<M>"). `count_params` and
 `count_flops` measure a student's size and cost.
+
+`config.student.branches` = m > 1 makes the residual students and the 1-D CNN a
+multi-branch network (`branched`: ONE's shared trunk, m copies of the last stage, a
+gated ensemble); its logits are branch 0's, and `views` adds the ensemble.
 """
 
 import functools
@@ -29,7 +33,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from l2t_jax.errors import ConfigError
-from l2t_jax.students import cheap, cnn1d, lenet, mlp, resnet, wrn
+from l2t_jax.students import branched, cheap, cnn1d, lenet, mlp, resnet, wrn
+from l2t_jax.students.branched import views
 
 _BUILDERS: dict[str, Callable[[ml_collections.ConfigDict, int, Any], nn.Module]] = {
     "mlp": mlp.build,
@@ -42,6 +47,8 @@ _BUILDERS: dict[str, Callable[[ml_collections.ConfigDict, int, Any], nn.Module]]
 STUDENT_NAMES = tuple(_BUILDERS)
 # The students whose residual blocks take Moonshine's cheap convolutions (`cheap`).
 _CHEAP_BLOCK_STUDENTS = ("wrn", "resnet_he", "resnet_wide")
+# The students with stages whose last can be copied into branches (`branched`).
+BRANCHED_STUDENTS = (*_CHEAP_BLOCK_STUDENTS, "cnn1d")
 _DTYPES = {"float32": jnp.float32, "float64": jnp.float64}
 
 
@@ -58,6 +65,8 @@ def build_student(config: ml_collections.ConfigDict, num_classes: int) -> nn.Mod
         "conv") names the residual blocks' 3x3 convolutions: "conv", or a cheap
         convolution "dconv", "dconv_g<N>" (N channels per group), "dconv_a<N>" (N
         groups), "b<M>", "g<N>b<M>", "a<N>b<M>" or "dconv_b<M>" (see `cheap`).
+        `branches` (default 1): m > 1 copies the last stage into m branches with a
+        gated ensemble (`branched.Branched`; one of `BRANCHED_STUDENTS`).
       num_classes: number of logits.
 
     Returns:
@@ -65,7 +74,8 @@ def build_student(config: ml_collections.ConfigDict, num_classes: int) -> nn.Mod
 
     Raises:
       ConfigError: on an unknown name or dtype, or a field the student rejects (e.g. a
-        `conv` that is unknown or does not divide the student's widths).
+        `conv` that is unknown or does not divide the student's widths, branches on a
+        student without stages).
     """
     name = config.get("name")
     if name not in _BUILDERS:
@@ -85,7 +95,19 @@ def build_student(config: ml_collections.ConfigDict, num_classes: int) -> nn.Mod
             f"student {name!r} has no residual blocks for config.student.conv={conv!r}; "
             f"use one of {', '.join(_CHEAP_BLOCK_STUDENTS)} or conv='{cheap.PLAIN}'"
         )
-    return _BUILDERS[name](config, num_classes, _DTYPES[dtype])
+    model = _BUILDERS[name](config, num_classes, _DTYPES[dtype])
+    num_branches = config.get("branches", 1)
+    if isinstance(num_branches, bool) or not isinstance(num_branches, int) or num_branches < 1:
+        raise ConfigError(f"config.student.branches must be an integer >= 1, got "
+                          f"{num_branches!r}")
+    if num_branches == 1:
+        return model
+    if name not in BRANCHED_STUDENTS:
+        raise ConfigError(
+            f"student {name!r} has no stages to copy into config.student.branches="
+            f"{num_branches} branches; use one of {', '.join(BRANCHED_STUDENTS)}")
+    return branched.Branched(model.clone(part="trunk"), model.clone(part="tail"),
+                             num_branches, dtype=_DTYPES[dtype])
 
 
 def count_params(params: Any) -> int:
@@ -117,7 +139,14 @@ def count_macs(model: nn.Module, variables: Any, x: Any) -> float:
 
     Returns:
       Multiply-adds of the whole batch divided by its size B.
+
+    Raises:
+      ValueError: a multi-branch network (`branched.Branched`), whose vmapped layers'
+        stacked kernels this count does not read; use `count_flops`.
     """
+    if isinstance(model, branched.Branched):
+        raise ValueError("count_macs reads single-branch networks; count a multi-branch "
+                         "one with count_flops")
 
     def layers(mdl, method_name):
         return method_name == "__call__" and isinstance(mdl, (nn.Conv, nn.Dense))
@@ -176,5 +205,5 @@ def count_flops(model: nn.Module, variables: Any, x: Any, **apply_kwargs: Any) -
     return float(costs["flops"]) / x.shape[0]
 
 
-__all__ = ["STUDENT_NAMES", "build_student", "cheap", "count_flops", "count_macs",
-           "count_params"]
+__all__ = ["BRANCHED_STUDENTS", "STUDENT_NAMES", "branched", "build_student", "cheap",
+           "count_flops", "count_macs", "count_params", "views"]

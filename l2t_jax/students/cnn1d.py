@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from l2t_jax.students import branched
 from l2t_jax.students._layers import Conv
 
 
@@ -23,25 +24,32 @@ class CNN1D(nn.Module):
       num_classes: number of logits.
       channels: filters in each convolution.
       dtype: parameter and computation dtype.
+      part: ``"whole"``, or the ``"trunk"`` / ``"tail"`` of a multi-branch network
+        (`branched`): the first two convolutions / the last one and the read-out.
     """
 
     num_classes: int
     channels: int = 25
     dtype: Any = jnp.float32
+    part: str = "whole"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Returns logits (B, num_classes) for signals (B, L) or (B, L, 1).
 
-        `train` is unused (no BatchNorm or dropout).
+        `train` is unused (no BatchNorm or dropout). A trunk returns its feature map
+        (B, L', channels); a tail maps that to logits.
         """
-        x = jnp.asarray(x, self.dtype)
-        if x.ndim == 2:
-            x = x[..., None]
-        for layer, kernel in enumerate((5, 3, 3)):
+        kernels = (5, 3, 3)
+        first, stop = branched.stage_range(self.part, len(kernels))
+        if first == 0:
+            x = jnp.asarray(x, self.dtype)
+            if x.ndim == 2:
+                x = x[..., None]
+        for layer in range(first, stop):
             x = Conv(
                 self.channels,
-                (kernel,),
+                (kernels[layer],),
                 strides=2,
                 padding=1,
                 dtype=self.dtype,
@@ -49,6 +57,8 @@ class CNN1D(nn.Module):
             )(x)
             x = nn.relu(x)
             self.sow("intermediates", f"conv_{layer}", x)
+        if stop < len(kernels):
+            return x
         x = x.reshape(x.shape[0], -1)
         return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.dtype)(x)
 

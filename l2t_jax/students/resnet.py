@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from l2t_jax.errors import ConfigError
-from l2t_jax.students import cheap
+from l2t_jax.students import branched, cheap
 from l2t_jax.students._layers import as_images, batch_norm, conv_no_bias
 
 
@@ -83,6 +83,8 @@ class CifarResNet(nn.Module):
         average-pooling window whose output is flattened.
       dtype: parameter and computation dtype.
       conv: the blocks' 3x3 convolutions' `config.student.conv` string (`cheap`).
+      part: ``"whole"``, or the ``"trunk"`` / ``"tail"`` of a multi-branch network
+        (`branched`): the first two stages / the last stage, pooling and read-out.
     """
 
     num_classes: int
@@ -92,23 +94,30 @@ class CifarResNet(nn.Module):
     pool_window: int | None = None
     dtype: Any = jnp.float32
     conv: str = cheap.PLAIN
+    part: str = "whole"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Returns logits (B, num_classes) for images (B, H, W, C) or (B, H, W).
 
         `train` switches BatchNorm to batch statistics (and running-average updates).
+        A trunk returns its feature map; a tail maps that to logits.
         """
-        x = as_images(x, self.dtype)
-        x = conv_no_bias(self.widths[0], 3, 1, self.dtype)(x)
-        x = nn.relu(batch_norm(train, self.dtype)()(x))
-        for stage, width in enumerate(self.widths):
+        first, stop = branched.stage_range(self.part, len(self.widths))
+        if first == 0:
+            x = as_images(x, self.dtype)
+            x = conv_no_bias(self.widths[0], 3, 1, self.dtype)(x)
+            x = nn.relu(batch_norm(train, self.dtype)()(x))
+        for stage in range(first, stop):
+            width = self.widths[stage]
             for block in range(self.blocks_per_stage):
                 strides = 2 if stage > 0 and block == 0 else 1
                 x = BasicBlock(
                     width, strides, self.projection_shortcut, self.dtype, self.conv
                 )(x, train)
             self.sow("intermediates", f"group_{stage + 1}", x)
+        if stop < len(self.widths):
+            return x
         if self.pool_window is None:
             x = jnp.mean(x, axis=(1, 2))
         else:

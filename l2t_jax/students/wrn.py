@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from l2t_jax.errors import ConfigError
-from l2t_jax.students import cheap
+from l2t_jax.students import branched, cheap
 from l2t_jax.students._layers import as_images, batch_norm, conv_no_bias
 
 
@@ -67,6 +67,9 @@ class WideResNet(nn.Module):
       dropout_rate: dropout probability inside every block.
       dtype: parameter and computation dtype.
       conv: the blocks' 3x3 convolutions' `config.student.conv` string (`cheap`).
+      part: ``"whole"``, or the ``"trunk"`` / ``"tail"`` of a multi-branch network
+        (`branched`): the stem and first two stages / the last stage, BN-ReLU, pooling
+        and read-out.
     """
 
     num_classes: int
@@ -75,17 +78,22 @@ class WideResNet(nn.Module):
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
     conv: str = cheap.PLAIN
+    part: str = "whole"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Returns logits (B, num_classes) for images (B, H, W, C) or (B, H, W).
 
         `train` switches BatchNorm to batch statistics (and running-average updates) and
-        turns dropout on.
+        turns dropout on. A trunk returns its feature map; a tail maps that to logits.
         """
-        x = as_images(x, self.dtype)
-        x = conv_no_bias(16, 3, 1, self.dtype)(x)
-        for stage, width in enumerate((16, 32, 64)):
+        widths = (16, 32, 64)
+        first, stop = branched.stage_range(self.part, len(widths))
+        if first == 0:
+            x = as_images(x, self.dtype)
+            x = conv_no_bias(16, 3, 1, self.dtype)(x)
+        for stage in range(first, stop):
+            width = widths[stage]
             for block in range(self.blocks_per_stage):
                 strides = 2 if stage > 0 and block == 0 else 1
                 x = PreActBlock(
@@ -96,6 +104,8 @@ class WideResNet(nn.Module):
                     self.conv,
                 )(x, train)
             self.sow("intermediates", f"group_{stage + 1}", x)
+        if stop < len(widths):
+            return x
         x = nn.relu(batch_norm(train, self.dtype)()(x))
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.dtype)(x)
