@@ -23,7 +23,7 @@ features (iteration fraction, minibatch error, running train loss, dev error) to
 weight in `one.kl_weight_range`, starting at `one.kl_weight` (1, the ramp's plateau),
 and learns online: every 50 student steps, from the exact meta-gradient of the
 deployable branch's smoothed dev error through those steps (`config.teacher`, as
-configs/distill.py). `one.learn_temperature=True` lets it set T too.
+configs/distill.py, at Adam 0.1). `one.learn_temperature=True` lets it set T too.
 """
 
 import ml_collections
@@ -53,12 +53,16 @@ def get_config(arg: str = "mnist1d") -> ml_collections.ConfigDict:
     config.one = ml_collections.ConfigDict(dict(
         temperature=3.0,
         ramp_steps=0,                  # set below: RAMP_FRACTION of the training
+        ramp_max=1.0,                  # the ramp's plateau
         kl_weight=1.0,                 # l2t-one: the loss teacher's start
-        kl_weight_range=(0.0, 4.0),    # what the loss teacher may set
+        kl_weight_range=(0.0, 10.0),   # what the loss teacher may set
         learn_temperature=False,
         temperature_range=(1.0, 10.0),
     ))
     distill.online_weight_teacher(config)
+    # Faster than the offline distillation teachers' 0.03, at which the KL weight was
+    # still rising when the run ended (a higher dev error on both mnist1d settings).
+    config.teacher.learning_rate = 0.1
 
     if setting == "mnist1d":
         config.student = ml_collections.ConfigDict(dict(name="cnn1d", channels=25))

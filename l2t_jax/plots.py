@@ -132,7 +132,8 @@ def _plot_loss_vs_p_true(ax, teacher, params: dict, states: list[tuple[int, np.n
 def plot_weight_teacher(teacher, params: dict, states: list[tuple[int, np.ndarray]],
                         path: str, title: str = "", loss_curve: bool = True) -> None:
     """Draws a `teachers.WeightTeacher`: each loss weight over the run (one panel each,
-    the hand-set value dotted) and, for a family of the logits alone, the loss vs p_y.
+    the untaught teacher's value dotted: the hand-set one, or ONE's teacher's start) and,
+    for a family of the logits alone, the loss vs p_y.
 
     Args:
         teacher: the teacher's structure.
@@ -150,7 +151,7 @@ def plot_weight_teacher(teacher, params: dict, states: list[tuple[int, np.ndarra
     weights = [teacher.weights(params, jnp.asarray(s)) for _, s in states]
     for ax, name, initial in zip(axes, teacher.names, teacher.initial):
         ax.plot(steps, [float(w[name]) for w in weights], "o-", label="learned")
-        ax.axhline(initial, ls=":", color="k", label="hand-set")
+        ax.axhline(initial, ls=":", color="k", label="untaught")
         ax.set(xlabel="student step", title=name)
         ax.legend(fontsize=7)
     if loss_curve:

@@ -44,8 +44,10 @@ student, optimizer, step budget and dev selection:
   error against parameters.
 * ONE, online distillation (configs/one.py; the settings' base networks with their last
   stage in 3 branches): ``one-base`` (the base network alone, CE), ``one`` (ONE's ramp),
-  ``l2t-one`` (the KL weight set by a loss teacher). The test error of ``one`` and
-  ``l2t-one`` is the deployable branch's; the gated ensemble's is in
+  ``l2t-one`` (the KL weight set by a loss teacher), ``one-const1`` and ``one-const4``
+  (ONE's loss at a constant KL weight of 1, l2t-one's start, and 4), ``l2t-one-slow``
+  (the teacher at Adam 0.03, the weight in (0, 4), instead of 0.1 and (0, 10)). The test
+  error of ``one`` and ``l2t-one`` is the deployable branch's; the gated ensemble's is in
   ``ensemble_test_error`` (and in the table's cells).
 * Online teaching over a full-length training (option ``online``: 10 episode lengths,
   teacher updated every 50 steps by truncated backprop, no episodes): ``ce-ol``,
@@ -150,6 +152,14 @@ METHODS = {
     "one-base": (one, "", "ce", {"student.branches": 1}),
     "one": (one, "", "one", {}),
     "l2t-one": (one, "", "l2t-one", {}),
+    # ONE's loss at a constant KL weight (no ramp): 1 (l2t-one's untaught start), 4 (the
+    # top of l2t-one-slow's range).
+    "one-const1": (one, "", "one", {"one.ramp_steps": 1}),
+    "one-const4": (one, "", "one", {"one.ramp_steps": 1, "one.ramp_max": 4.0}),
+    # l2t-one's teacher at Adam 0.03 (the offline distillation teachers' rate) with the
+    # weight in (0, 4), instead of 0.1 and (0, 10): a higher dev error on both settings.
+    "l2t-one-slow": (one, "", "l2t-one", {"teacher.learning_rate": 0.03,
+                                          "one.kl_weight_range": (0.0, 4.0)}),
 }
 # Moonshine: the target's own architecture with cheap blocks (config.student.conv),
 # alone (CE) and with AT + KD from the target model: rows ms-<block>, ms-<block>-at-kd.
@@ -322,7 +332,7 @@ GROUPS = {
         "l2t-kd-ep"),
     "ONE, online distillation (configs/one.py: one-base is the base network; the error "
     "of one and l2t-one is the deployable branch's, the gated ensemble's follows it)": (
-        "one-base", "one", "l2t-one"),
+        "one-base", "one", "one-const1", "one-const4", "l2t-one", "l2t-one-slow"),
     "L2T-DLF group, teacher on a separate meta-dev split (150 of the dev examples: of 300 "
     "on digits, 500 on mnist1d; selection on the rest)": ("ce-md", "l2t-dlf-fixed-md",
                                                           "l2t-dlf-md"),

@@ -9,7 +9,8 @@ ensemble of all branches,
 
 * ``one``: ONE's hand-made ramp, ``w(t) = exp(-5 (1 - min(t, R) / R)^2)`` over the
   student's steps t (``config.one.ramp_steps`` = R: the paper's 80 of 300 epochs, scaled
-  with the schedule), T = ``config.one.temperature`` (3).
+  with the schedule), T = ``config.one.temperature`` (3); ``config.one.ramp_max``
+  scales it (ONE: 1; with ``ramp_steps=1``, a constant weight).
 * ``l2t-one``: w (and T, with ``config.one.learn_temperature``) set by a loss teacher
   from the student's state (`teachers.WeightTeacher`: the L2T-DLF student-state
   features, the iteration fraction among them, so a ramp is one thing it can learn),
@@ -76,7 +77,8 @@ def build_one(config, splits, rng) -> base.Plan:
 
     def loss_fn(loss_params, output, batch, state):
         del loss_params
-        return family({"kl_weight": ramp(state.step, o.ramp_steps)}, output, batch)
+        return family({"kl_weight": o.ramp_max * ramp(state.step, o.ramp_steps)}, output,
+                      batch)
 
     return teaching.fixed_loss_plan(config, splits, rng, loss_fn, activations=ACTIVATIONS)
 
@@ -113,6 +115,7 @@ def one_checks(config: ml_collections.ConfigDict) -> list:
          f">= 2 (ONE's default 3; the base network is branches=1 under method ce)"),
         (o.temperature > 0, "config.one.temperature must be > 0"),
         (o.ramp_steps >= 1, "config.one.ramp_steps must be >= 1 (ONE: 80 of 300 epochs)"),
+        (o.ramp_max > 0, "config.one.ramp_max must be > 0 (ONE: 1)"),
         (low < o.kl_weight < high,
          f"config.one.kl_weight must be inside config.one.kl_weight_range {(low, high)}"),
         (not o.learn_temperature or t_low < o.temperature < t_high,
