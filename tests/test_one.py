@@ -169,7 +169,7 @@ def test_l2t_one_meta_gradient_matches_differences_and_a_loop_float64(x64):
 
 @pytest.mark.parametrize("method, field, value, message", [
     ("one", "student.branches", 1, "set config.student.branches >= 2"),
-    ("l2t-one", "one.kl_weight", 5.0, "inside config.one.kl_weight_range"),
+    ("l2t-one", "one.kl_weight", 12.0, "inside config.one.kl_weight_range"),
     ("one", "one.ramp_steps", 0, "config.one.ramp_steps must be >= 1"),
     ("one", "one.ramp_max", 0.0, "config.one.ramp_max must be > 0"),
 ])
