@@ -24,6 +24,7 @@ Memory policies (`remat`), all giving the same gradient:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
@@ -119,6 +120,13 @@ class StudentState:
     stats: PyTree = flax.struct.field(default_factory=dict)
 
 
+@functools.partial(jax.jit, static_argnames=("model",))
+def _init_variables(model: nn.Module, rng: jax.Array, sample_x: jax.Array) -> PyTree:
+    """``model.init`` as one compiled program (eagerly, every initialiser and layer of
+    the forward pass would compile on its own)."""
+    return model.init(rng, sample_x, train=False)
+
+
 def init_student_state(
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -139,7 +147,7 @@ def init_student_state(
         The student at step 0.
     """
     init_rng, state_rng = jax.random.split(rng)
-    variables = model.init(init_rng, sample_x, train=False)
+    variables = _init_variables(model, init_rng, sample_x)
     params = variables["params"]
     model_state = {k: v for k, v in variables.items()
                    if k not in ("params", ACTIVATIONS_COLLECTION)}

@@ -12,8 +12,11 @@ os.environ["XLA_FLAGS"] = (
 os.environ["TFDS_DATA_DIR"] = tempfile.mkdtemp(prefix="l2t_jax_tfds_")
 # Many tests build the same programs (a run and its resumed copy, the same smoke config in
 # several modes); JAX's persistent compilation cache, private to this session, compiles
-# each once. Subprocesses share it.
-os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="l2t_jax_xla_")
+# each once. Subprocesses share it, and so do pytest-xdist's workers: they inherit the
+# controller's environment, so the directory is made once (reads and writes are locked).
+if "L2T_JAX_TEST_XLA_CACHE" not in os.environ:
+    os.environ["L2T_JAX_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="l2t_jax_xla_")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["L2T_JAX_TEST_XLA_CACHE"]
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 

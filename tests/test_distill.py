@@ -261,7 +261,12 @@ def test_paper_setting_runs_a_few_steps_on_fake_cifar(tmp_path):
     # with AT + KD (the papers' set-up, at smoke size).
     config = _config("at-kd", "fake_cifar10,moonshine,smoke")
     assert config.student.conv == "dconv" and config.student.depth == config.target.model.depth
+    # One call of 10 steps each for the target and the student, and evaluation batches of
+    # the dev split's size (64): each network's eval program is compiled once, not once
+    # for dev and once for the 256 test images.
+    config.train.update(num_steps=10, batch_size=8, eval_batch_size=64)
+    config.target.num_steps = 10
     summary = train.train_and_evaluate(config, str(tmp_path))
-    assert summary["steps"] == 20 and np.isfinite(summary["test_error"])
+    assert summary["steps"] == 10 and np.isfinite(summary["test_error"])
     records = metrics.read_metrics(str(tmp_path))
     assert np.isfinite(records[-1]["train/loss"])

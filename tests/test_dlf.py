@@ -102,10 +102,11 @@ def optax_ce(logits, labels):
     return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], -1)[:, 0]
 
 
-def dlf_problem(form, dtype, features_grad, perturb=True, teacher=None):
+def dlf_problem(form, dtype, features_grad, perturb=True, teacher=None, steps=20):
     """A tiny DLF meta-learning problem: student, batches, dev set, teacher params.
 
-    `teacher` replaces the DLF teacher of `form` by another state-feature teacher.
+    `teacher` replaces the DLF teacher of `form` by another state-feature teacher;
+    `steps` is the unroll's length (the dev error refreshes every 5 steps).
     """
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(C, 6))
@@ -114,7 +115,7 @@ def dlf_problem(form, dtype, features_grad, perturb=True, teacher=None):
         labels = rng.integers(0, C, size=n)
         return jnp.asarray(centers[labels] + rng.normal(size=(n, 6)), dtype), jnp.asarray(labels)
 
-    steps, batch = 20, 8
+    batch = 8
     xs, ys = sample(steps * batch)
     batches = {"x": xs.reshape(steps, batch, 6), "y": ys.reshape(steps, batch)}
     dev_x, dev_y = sample(24)
@@ -284,6 +285,8 @@ def test_long_option_trains_the_dln_groups_student_on_its_schedule(dataset):
 def test_long_option_teaches_a_batch_norm_student_online(tmp_path):
     config = l2t_dlf.get_config("mnist_5k,noisy,long,smoke")
     assert config.student.batch_norm
+    # Evaluation batches of the dev split's size: one eval program for dev and test.
+    config.train.eval_batch_size = config.data.dev_size
     summary = train.train_and_evaluate(config, str(tmp_path))
     assert 0 <= summary["test_error"] <= 100
     records = metrics.read_metrics(str(tmp_path))

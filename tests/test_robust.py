@@ -63,8 +63,9 @@ def test_l2t_gce_meta_gradient_matches_differences_and_a_loop_float64(x64):
     # The L2T-DLF machinery (features, stats, scan, estimator) with the GCE teacher.
     config = robust.get_config("digits,smoke")
     teacher = robust_methods.gce_teacher(config, C)
+    # 8 steps (the dev error refreshed once): the Python loop below compiles every step.
     step_fn, objective, params, state, batches = dlf_problem(
-        "static", jnp.float64, features_grad=True, teacher=teacher)
+        "static", jnp.float64, features_grad=True, teacher=teacher, steps=8)
     result = jax.jit(lambda p: engine.FullBackprop(remat="sqrt")(
         step_fn, objective, p, state, batches))(params)
 
