@@ -69,15 +69,26 @@ def smoke_schedule(config: ml_collections.ConfigDict) -> None:
     config.engine.window = 10
 
 
+def parse_arg(arg: str, config_file: str, settings: tuple, options: tuple
+              ) -> tuple[str, list[str]]:
+    """``(setting, tokens)`` of a comma-separated config argument: at most one of
+    `settings` (default the first) and any of `options`.
+
+    Raises:
+        ValueError: an unknown token or two settings.
+    """
+    tokens = [t for t in arg.split(",") if t]
+    unknown = [t for t in tokens if t not in settings + options]
+    chosen = [t for t in tokens if t in settings]
+    if unknown or len(chosen) > 1:
+        raise ValueError(f"{config_file} takes one of {settings} and options {options}, "
+                         f"got {arg!r}")
+    return (chosen[0] if chosen else settings[0]), tokens
+
+
 def get_config(arg: str = "mnist1d") -> ml_collections.ConfigDict:
     """The distillation config; `arg` as in the module docstring."""
-    tokens = [t for t in arg.split(",") if t]
-    unknown = [t for t in tokens if t not in SETTINGS + OPTIONS]
-    settings = [t for t in tokens if t in SETTINGS]
-    if unknown or len(settings) > 1:
-        raise ValueError(f"configs/distill.py takes one of {SETTINGS} and options "
-                         f"{OPTIONS}, got {arg!r}")
-    setting = settings[0] if settings else "mnist1d"
+    setting, tokens = parse_arg(arg, "configs/distill.py", SETTINGS, OPTIONS)
     config = l2t_dlf.get_config(",".join([setting] + [t for t in tokens if t == "noisy"]))
     config.method = "kd"
     config.student = ml_collections.ConfigDict(dict(config.student))

@@ -38,13 +38,7 @@ RAMP_FRACTION = 80 / 300
 
 def get_config(arg: str = "mnist1d") -> ml_collections.ConfigDict:
     """The ONE config; `arg` as in the module docstring."""
-    tokens = [t for t in arg.split(",") if t]
-    unknown = [t for t in tokens if t not in SETTINGS + OPTIONS]
-    settings = [t for t in tokens if t in SETTINGS]
-    if unknown or len(settings) > 1:
-        raise ValueError(f"configs/one.py takes one of {SETTINGS} and options {OPTIONS}, "
-                         f"got {arg!r}")
-    setting = settings[0] if settings else "mnist1d"
+    setting, tokens = distill.parse_arg(arg, "configs/one.py", SETTINGS, OPTIONS)
     cifar = setting in ("cifar10", "cifar100", "fake_cifar10")
     if "resnet110" in tokens and not cifar:
         raise ValueError("resnet110 is an option of the CIFAR settings")

@@ -112,37 +112,42 @@ def test_untaught_loss_teacher_is_the_hand_set_loss():
                                    hand_set, rtol=1e-5)
 
 
-def test_l2t_at_kd_meta_gradient_matches_differences_and_a_loop_float64(x64):
-    # Every weight a distillation loss teacher sets (alpha, T, a beta per stage), on a
-    # 1-D CNN student reading a frozen 1-D CNN target model's logits and feature maps.
-    rng = np.random.default_rng(4)
-    steps, batch, length = 6, 4, 12
-    xs = jnp.asarray(rng.normal(size=(steps, batch, length)))
-    ys = jnp.asarray(rng.integers(0, C, size=(steps, batch)))
-    dev_x, dev_y = jnp.asarray(rng.normal(size=(10, length))), jnp.asarray(rng.integers(0, C, 10))
+def unroll_data(rng: np.random.Generator, steps: int) -> tuple:
+    """``(xs, ys, dev_x, dev_y)``: `steps` float64 batches of 4 length-12 signals, and a
+    dev set of 10."""
+    xs = jnp.asarray(rng.normal(size=(steps, 4, 12)))
+    ys = jnp.asarray(rng.integers(0, C, size=(steps, 4)))
+    return xs, ys, jnp.asarray(rng.normal(size=(10, 12))), jnp.asarray(rng.integers(0, C, 10))
 
-    def cnn(channels):
-        return build_student(ml_collections.ConfigDict(
-            {"name": "cnn1d", "channels": channels, "dtype": "float64"}), C)
 
-    model, target_model = cnn(3), cnn(5)
-    stages = ("conv_0", "conv_2")
-    config = _config("l2t-at-kd")
-    config.distill.stages = stages
-    teacher = distill_methods.loss_teacher(config, C)
+def check_weight_teacher_meta_gradient(model, teacher, rng: np.random.Generator, data: tuple,
+                                       **step_kwargs) -> None:
+    """A loss teacher's exact meta-gradient through a float64 unroll of `model` (momentum
+    SGD, the dev-error feature refreshed every 2 steps, features differentiated): it
+    matches central differences and the gradient of a Python-loop unroll, and every
+    weight the teacher sets has one.
+
+    Args:
+        model: a float64 student.
+        teacher: a `teachers.WeightTeacher`; its parameters are moved off the untaught
+            start by `rng`, so that the features matter.
+        rng: the test's generator (after `unroll_data`).
+        data: `unroll_data`'s batches and dev set.
+        **step_kwargs: what the loss reads (`engine.make_student_step`'s activations,
+            target, self_target).
+    """
+    xs, ys, dev_x, dev_y = data
+    steps = xs.shape[0]
     params = teacher.init(jax.random.PRNGKey(0), jnp.float64)
-    params = jax.tree_util.tree_map(  # off the hand-set start: features matter
+    params = jax.tree_util.tree_map(
         lambda p: p + 0.3 * jnp.asarray(rng.normal(size=p.shape)), params)
-    target = engine.TargetModel(target_model,
-                                target_model.init(jax.random.PRNGKey(1), dev_x[:1]), stages)
     tx = optimizers.make_inner_optimizer(
         ml_collections.ConfigDict({"name": "momentum", "learning_rate": 0.1}), steps)
     stats = jax.tree_util.tree_map(lambda s: s.astype(jnp.float64), teachers.initial_stats(C))
     state = engine.init_student_state(model, tx, jax.random.PRNGKey(2), dev_x[:1], stats)
     step_fn = engine.make_student_step(
         model, dlf.make_dlf_loss_fn(teacher, steps, features_grad=True), tx,
-        stats_fn=teachers.make_stats_fn(model, dev_x, dev_y, dev_every=2),
-        activations=stages, target=target)
+        stats_fn=teachers.make_stats_fn(model, dev_x, dev_y, dev_every=2), **step_kwargs)
     objective = TeacherUpdate(engine.FullBackprop(), None).dev_objective_fn(
         model, {"x": dev_x, "y": dev_y})
     batches = {"x": xs, "y": ys}
@@ -161,6 +166,26 @@ def test_l2t_at_kd_meta_gradient_matches_differences_and_a_loop_float64(x64):
         lambda p: python_loop_meta_loss(step_fn, objective, p, state, batches)))(params)
     np.testing.assert_allclose(jax.flatten_util.ravel_pytree(loop)[0], grad, rtol=1e-9,
                                atol=1e-13)
+
+
+def test_l2t_at_kd_meta_gradient_matches_differences_and_a_loop_float64(x64):
+    # Every weight a distillation loss teacher sets (alpha, T, a beta per stage), on a
+    # 1-D CNN student reading a frozen 1-D CNN target model's logits and feature maps.
+    rng = np.random.default_rng(4)
+    data = unroll_data(rng, steps=6)
+
+    def cnn(channels):
+        return build_student(ml_collections.ConfigDict(
+            {"name": "cnn1d", "channels": channels, "dtype": "float64"}), C)
+
+    model, target_model = cnn(3), cnn(5)
+    stages = ("conv_0", "conv_2")
+    config = _config("l2t-at-kd")
+    config.distill.stages = stages
+    target = engine.TargetModel(target_model,
+                                target_model.init(jax.random.PRNGKey(1), data[2][:1]), stages)
+    check_weight_teacher_meta_gradient(model, distill_methods.loss_teacher(config, C), rng,
+                                       data, activations=stages, target=target)
 
 
 @pytest.mark.parametrize("method, field, value, message", [

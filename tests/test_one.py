@@ -8,16 +8,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from test_engine import central_differences, meta_loss, python_loop_meta_loss
+from test_distill import check_weight_teacher_meta_gradient, unroll_data
 
 from benchmarks import distill_cost
 from configs import one as one_config
-from l2t_jax import engine, methods, metrics, optimizers, students, teachers, train
+from l2t_jax import engine, methods, metrics, students, train
 from l2t_jax.errors import ConfigError
 from l2t_jax.losses.distill import online_ensemble_loss
 from l2t_jax.methods import dlf
 from l2t_jax.methods import one as one_methods
-from l2t_jax.methods.teaching import TeacherUpdate
 
 C = 3
 
@@ -127,44 +126,17 @@ def test_ramp_rises_from_exp_minus_five_to_one_at_r():
 
 def test_l2t_one_meta_gradient_matches_differences_and_a_loop_float64(x64):
     # The KL weight and T a loss teacher sets, through the training of a 2-branch
-    # 1-D CNN (trunk, vmapped branches, gate with BatchNorm).
+    # 1-D CNN (trunk, vmapped branches, gate with BatchNorm), the ensemble the branches
+    # distil from computed outside the student's gradient.
     rng = np.random.default_rng(4)
-    steps, batch, length = 3, 4, 12
-    xs = jnp.asarray(rng.normal(size=(steps, batch, length)))
-    ys = jnp.asarray(rng.integers(0, C, size=(steps, batch)))
-    dev_x, dev_y = jnp.asarray(rng.normal(size=(10, length))), jnp.asarray(rng.integers(0, C, 10))
-    model = _cnn(2, channels=3, dtype="float64")
+    data = unroll_data(rng, steps=3)
     config = one_config.get_config("mnist1d,smoke")
     config.one.learn_temperature = True
     teacher = one_methods.loss_teacher(config, C)
     assert teacher.names == ("kl_weight", "temperature")
-    params = teacher.init(jax.random.PRNGKey(0), jnp.float64)
-    params = jax.tree_util.tree_map(  # off the constant start: features matter
-        lambda p: p + 0.3 * jnp.asarray(rng.normal(size=p.shape)), params)
-    tx = optimizers.make_inner_optimizer(
-        ml_collections.ConfigDict({"name": "momentum", "learning_rate": 0.1}), steps)
-    stats = jax.tree_util.tree_map(lambda s: s.astype(jnp.float64), teachers.initial_stats(C))
-    state = engine.init_student_state(model, tx, jax.random.PRNGKey(2), dev_x[:1], stats)
-    step_fn = engine.make_student_step(
-        model, dlf.make_dlf_loss_fn(teacher, steps, features_grad=True), tx,
-        stats_fn=teachers.make_stats_fn(model, dev_x, dev_y, dev_every=2),
-        activations=one_methods.ACTIVATIONS, self_target=True)
-    objective = TeacherUpdate(engine.FullBackprop(), None).dev_objective_fn(
-        model, {"x": dev_x, "y": dev_y})
-    batches = {"x": xs, "y": ys}
-
-    result = jax.jit(lambda p: engine.FullBackprop()(
-        step_fn, objective, p, state, batches))(params)
-    grad = jax.flatten_util.ravel_pytree(result.grad)[0]
-    assert float(jnp.abs(result.grad["bias"]).min()) > 1e-8  # both weights have a gradient
-    value = jax.jit(lambda p: meta_loss(step_fn, objective, p, state, batches))
-    numeric = central_differences(value, params, eps=1e-6)
-    np.testing.assert_allclose(grad, jax.flatten_util.ravel_pytree(numeric)[0], rtol=1e-5,
-                               atol=1e-7 * float(jnp.abs(grad).max()))
-    loop = jax.jit(jax.grad(
-        lambda p: python_loop_meta_loss(step_fn, objective, p, state, batches)))(params)
-    np.testing.assert_allclose(jax.flatten_util.ravel_pytree(loop)[0], grad, rtol=1e-9,
-                               atol=1e-13)
+    check_weight_teacher_meta_gradient(_cnn(2, channels=3, dtype="float64"), teacher, rng,
+                                       data, activations=one_methods.ACTIVATIONS,
+                                       self_target=True)
 
 
 @pytest.mark.parametrize("method, field, value, message", [
