@@ -203,6 +203,8 @@ def _evaluate_splits(method, state: dict, splits: data.Splits, batch_size: int) 
     """Dev and test error (%) and loss of the method's current student (and the error
     of each of its views, as ``<split>/<view>_error``)."""
     student = method.student(state["method"])
+    # One batch shape for both splits (the smaller one padded): one program per network.
+    batch_size = min(batch_size, max(len(splits.dev.y), len(splits.test.y)))
     scalars = {}
     for split in ("dev", "test"):
         arrays = getattr(splits, split)
