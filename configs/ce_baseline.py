@@ -105,6 +105,12 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
     config.train = ml_collections.ConfigDict(dict(
         num_steps=2000, batch_size=64, log_every=50, eval_every=100,
         checkpoint_every=500, eval_batch_size=1000,
+        # The run stops as diverged when the student's mean train cross-entropy over a
+        # log interval exceeds this (nats; chance is log(classes), a few nats).
+        max_cross_entropy=1000.0,
+        # ... or when any logged value's magnitude exceeds this many times its first
+        # (or 1): an exploding loss teacher, loss network or loss.
+        max_growth=1e6,
     ))
     config.train.update(settings["train"])
 

@@ -46,6 +46,8 @@ OPTIONS = ("noisy", "moonshine", "smoke")
 # The papers' CIFAR schedule in steps: 45,000 training images (5,000 kept for dev) in
 # batches of 128 are 352 steps an epoch.
 CIFAR_EPOCH = 352
+# Evaluate and checkpoint about every 2 epochs, at a multiple of the 50-step log interval.
+CIFAR_EVAL_EVERY = 700
 
 
 def _wrn(depth: int, widen_factor: int) -> dict:
@@ -128,7 +130,7 @@ def get_config(arg: str = "mnist1d") -> ml_collections.ConfigDict:
             name="momentum", learning_rate=0.1, weight_decay=5e-4, schedule="step",
             boundaries=tuple(e * CIFAR_EPOCH for e in (60, 120, 160)), decay_factor=0.2)
         config.train.update(num_steps=epochs * CIFAR_EPOCH, batch_size=128, log_every=50,
-                            eval_every=CIFAR_EPOCH * 2, checkpoint_every=CIFAR_EPOCH * 2)
+                            eval_every=CIFAR_EVAL_EVERY, checkpoint_every=CIFAR_EVAL_EVERY)
         config.engine.remat = "sqrt"
     config.target.num_steps = config.train.num_steps
 

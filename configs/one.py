@@ -76,7 +76,8 @@ def get_config(arg: str = "mnist1d") -> ml_collections.ConfigDict:
             name="momentum", learning_rate=0.1, weight_decay=1e-4, schedule="step",
             boundaries=(150 * epoch, 225 * epoch), decay_factor=0.1)
         config.train.update(num_steps=300 * epoch, batch_size=128, log_every=50,
-                            eval_every=epoch * 2, checkpoint_every=epoch * 2)
+                            eval_every=distill.CIFAR_EVAL_EVERY,
+                            checkpoint_every=distill.CIFAR_EVAL_EVERY)
         config.engine.remat = "sqrt"
     config.student.branches = 3
 

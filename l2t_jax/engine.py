@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from l2t_jax import config_checks as checks
 from l2t_jax.errors import ConfigError
 
 PyTree = Any
@@ -527,17 +528,15 @@ def make_estimator(config) -> Estimator:
 
 def validate_engine_config(config) -> None:
     """Raises a one-line ConfigError for a bad ``engine`` config."""
-    if config.get("remat", "none") not in REMAT_POLICIES:
-        raise ConfigError(
-            f"unknown config.engine.remat {config.remat!r}; choose one of {REMAT_POLICIES}"
-        )
     estimator = config.get("estimator", "full")
-    if estimator not in ESTIMATORS:
-        raise ConfigError(
-            f"unknown config.engine.estimator {estimator!r}; choose one of {ESTIMATORS}"
-        )
-    if estimator == "truncated" and not config.get("window", 0) >= 1:
-        raise ConfigError("config.engine.window must be an integer >= 1 for 'truncated'")
     chunk_size = config.get("chunk_size")
-    if chunk_size is not None and chunk_size < 0:
-        raise ConfigError("config.engine.chunk_size must be >= 1 (or 0/None for sqrt(T))")
+    checks.check_fields([
+        checks.one_of("config.engine.remat", config.get("remat", "none"), REMAT_POLICIES),
+        checks.one_of("config.engine.estimator", estimator, ESTIMATORS),
+        checks.integer("config.engine.window", config.get("window", 0),
+                       minimum=1 if estimator == "truncated" else 0,
+                       note=f" with estimator {estimator!r} (the steps backpropagated "
+                            "through)"),
+        checks.integer("config.engine.chunk_size", 0 if chunk_size is None else chunk_size,
+                       minimum=0, note=" (0 or None: about sqrt(T) steps per chunk)"),
+    ])

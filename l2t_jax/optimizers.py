@@ -11,38 +11,40 @@ from __future__ import annotations
 
 import optax
 
-from l2t_jax.errors import ConfigError
+from l2t_jax import config_checks as checks
 
 OPTIMIZER_NAMES = ("sgd", "momentum", "adam")
 SCHEDULE_NAMES = ("constant", "cosine", "step")
 
 
 def validate_optimizer_config(config) -> None:
-    """Raises a one-line ConfigError for a bad ``optimizer`` config."""
-    if config.name not in OPTIMIZER_NAMES:
-        raise ConfigError(
-            f"unknown config.optimizer.name {config.name!r}; choose one of {OPTIMIZER_NAMES}"
-        )
-    if not config.learning_rate > 0:
-        raise ConfigError(
-            f"config.optimizer.learning_rate must be > 0, got {config.learning_rate}"
-        )
-    if not 0 <= config.get("momentum", 0.9) < 1:
-        raise ConfigError("config.optimizer.momentum must be in [0, 1)")
-    if config.name == "adam" and not config.get("eps_root", 1e-8) > 0:
-        raise ConfigError(
-            "config.optimizer.eps_root must be > 0 for Adam (sqrt(v) has an infinite "
-            "derivative at v = 0, which makes meta-gradients NaN); use e.g. 1e-8"
-        )
-    if config.get("weight_decay", 0.0) < 0:
-        raise ConfigError("config.optimizer.weight_decay must be >= 0")
-    schedule = config.get("schedule", "constant")
-    if schedule not in SCHEDULE_NAMES:
-        raise ConfigError(
-            f"unknown config.optimizer.schedule {schedule!r}; choose one of {SCHEDULE_NAMES}"
-        )
-    if schedule == "step" and not all(b > 0 for b in config.get("boundaries", ())):
-        raise ConfigError("config.optimizer.boundaries must be positive step numbers")
+    """Raises a one-line ConfigError for a bad ``optimizer`` config.
+
+    Every field of `make_inner_optimizer` is checked, whichever optimizer reads it.
+    """
+    path = "config.optimizer."
+    boundaries = config.get("boundaries", ())
+    # Adam's sqrt(v + eps_root) has an infinite derivative at v = 0 (NaN meta-gradients).
+    eps_root_bound = ({"above": 0, "note": " for Adam (e.g. 1e-8)"} if config.name == "adam"
+                      else {"at_least": 0})
+    checks.check_fields([
+        checks.one_of(path + "name", config.name, OPTIMIZER_NAMES),
+        checks.one_of(path + "schedule", config.get("schedule", "constant"), SCHEDULE_NAMES),
+        checks.number(path + "learning_rate", config.learning_rate, above=0),
+        checks.number(path + "momentum", config.get("momentum", 0.9), at_least=0, below=1),
+        checks.flag(path + "nesterov", config.get("nesterov", False)),
+        checks.number(path + "b1", config.get("b1", 0.9), at_least=0, below=1),
+        checks.number(path + "b2", config.get("b2", 0.999), at_least=0, below=1),
+        checks.number(path + "eps", config.get("eps", 1e-8), at_least=0),
+        checks.number(path + "eps_root", config.get("eps_root", 1e-8), **eps_root_bound),
+        checks.number(path + "weight_decay", config.get("weight_decay", 0.0), at_least=0),
+        (isinstance(boundaries, tuple | list)
+         and all(checks.is_integer(b) and b >= 1 for b in boundaries)
+         and list(boundaries) == sorted(set(boundaries)),
+         f"{path}boundaries must be increasing step numbers >= 1, got {boundaries!r}"),
+        checks.number(path + "decay_factor", config.get("decay_factor", 0.1), above=0,
+                      note=" (the learning rate's factor at each boundary)"),
+    ])
 
 
 def learning_rate_schedule(config, total_steps: int) -> optax.Schedule:

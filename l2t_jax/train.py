@@ -15,6 +15,7 @@ plan writes at its end.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -26,16 +27,24 @@ import numpy as np
 from absl import logging
 
 from l2t_jax import checkpoint, data, engine, evaluation, methods, metrics, optimizers
-from l2t_jax.errors import ConfigError
+from l2t_jax import config_checks as checks
+from l2t_jax import workdir as run_workdir
+from l2t_jax.errors import ConfigError, DivergenceError
 from l2t_jax.methods import Schedule
 from l2t_jax.students import build_student, views
 
 SUMMARY_FILE = "summary.json"
-CONFIG_FILE = checkpoint.RUN_CONFIG_FILE
+CONFIG_FILE = run_workdir.CONFIG_FILE
+# The summary field counting teacher updates skipped as non-finite (all phases).
+SKIPPED_FIELD = "nonfinite_teacher_updates_skipped"
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Checks a whole experiment config before anything runs.
+
+    The top-level sections must be the common ones or those of a registered method
+    (a config file may carry the sections of the other methods it is run with). Each
+    section is then checked by the module that reads it, the method's sections last.
 
     Args:
         config: the experiment ConfigDict (see ``configs/``).
@@ -43,15 +52,32 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     Raises:
         ConfigError: one line naming the field and what to change.
     """
-    methods.validate(config)
+    known = {"method", "seed", "data", "student", "optimizer", "engine", "train", "mesh"}
+    known.update(section for name in methods.names() for section in methods.get(name).sections)
+    unknown = sorted(set(config.keys()) - known)
+    if unknown:
+        raise ConfigError(f"config.{unknown[0]} is not a config section of any method; "
+                          f"remove it or fix its name (known: {', '.join(sorted(known))})")
+    methods.get(config.method)  # raises on an unknown method
     data.validate_data_config(config.data)
-    build_student(config.student, num_classes=2)  # raises on a bad name or depth
+    train = config.train
+    checks.check_fields([
+        checks.integer("config.seed", config.seed, minimum=0, maximum=2**32 - 1,
+                       note=" (a 32-bit PRNG seed)"),
+        *(checks.integer(f"config.train.{field}", train[field]) for field in (
+            "num_steps", "log_every", "eval_every", "checkpoint_every", "eval_batch_size")),
+        checks.integer("config.train.batch_size", train.batch_size,
+                       maximum=data.split_sizes(config.data)["train"],
+                       note=" (the train split: the dataset's, less config.data.dev_size)"),
+        checks.number("config.train.max_cross_entropy", train.get("max_cross_entropy"),
+                      above=0, note=" (nats; the student has diverged above it)"),
+        checks.number("config.train.max_growth", train.get("max_growth"), above=1,
+                      note=" (a logged value this many times its first has exploded)"),
+    ])
+    build_student(config.student, num_classes=2)  # raises on a bad field
     optimizers.validate_optimizer_config(config.optimizer)
     engine.validate_engine_config(config.engine)
-    train = config.train
-    for field in ("num_steps", "batch_size", "log_every", "eval_every", "checkpoint_every"):
-        if not (isinstance(train[field], int) and train[field] >= 1):
-            raise ConfigError(f"config.train.{field} must be an integer >= 1, got {train[field]}")
+    methods.validate(config)  # a method's stricter multiples (an L2T-DLN iteration) first
     for field in ("eval_every", "checkpoint_every", "num_steps"):
         if train[field] % train.log_every:
             raise ConfigError(
@@ -60,36 +86,43 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_config_change: bool = False) -> dict:
     """Runs the config's method, resuming each phase from its latest checkpoint.
 
     Args:
         config: the experiment ConfigDict.
         workdir: where checkpoints, ``metrics.jsonl``, TensorBoard events and
             ``summary.json`` are written (earlier phases in subdirectories).
+        allow_config_change: resume a workdir made by another config (see
+            `l2t_jax.workdir.check`); otherwise such a workdir is refused.
 
     Returns:
         The summary (also written to ``workdir/summary.json``).
+
+    Raises:
+        ConfigError: a bad config, or a workdir of another config (before anything is
+            written).
+        DivergenceError: the run diverged (see `check_health`).
     """
     validate_config(config)
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    run_workdir.check(workdir, config, allow_config_change)
     splits = data.load_splits(config.data)
-    if config.train.batch_size > len(splits.train.y):
-        raise ConfigError(
-            f"config.train.batch_size ({config.train.batch_size}) is larger than the train "
-            f"split ({len(splits.train.y)} examples); lower it"
-        )
     plan = methods.get(config.method).build(config, splits, jax.random.PRNGKey(config.seed))
-    finished = {}
+    run_workdir.record(workdir, config)
+    logging.info("config:\n%s", config)  # after every check: a bad input is one line
+    finished, skipped = {}, {}
     for phase in plan.phases:
-        raises = bool(phase.nonfinite_section
-                      and config[phase.nonfinite_section].on_nonfinite == "raise")
+        health = Health(config.train.max_cross_entropy, config.train.max_growth,
+                        phase.nonfinite_section,
+                        bool(phase.nonfinite_section
+                             and config[phase.nonfinite_section].on_nonfinite == "raise"))
         finished[phase.name], summary = run_phase(
             phase.loop, phase.init(finished), splits, os.path.join(workdir, phase.name),
-            seed=config.seed, schedule=phase.schedule, nonfinite_raises=raises,
-            nonfinite_section=phase.nonfinite_section)
+            seed=config.seed, schedule=phase.schedule, health=health)
+        if phase.nonfinite_section:
+            skipped[phase.nonfinite_section] = (skipped.get(phase.nonfinite_section, 0)
+                                                + summary.pop(SKIPPED_FIELD))
     summary.update(plan.finish(finished, workdir, summary))
     summary = {
         "dataset": config.data.name,
@@ -101,6 +134,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "steps": config.train.num_steps,
         **summary,
     }
+    if skipped:
+        summary[SKIPPED_FIELD] = sum(skipped.values())
     with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
         json.dump(summary, f, indent=2)
     logging.info(
@@ -108,12 +143,93 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         summary["test_error"], summary["best_step"], summary["best_dev_error"],
         summary["final_test_error"],
     )
+    for section, count in skipped.items():
+        if count:  # the last line says so: the run did not go as configured
+            logging.warning("%d teacher updates were non-finite and skipped "
+                            "(config.%s.on_nonfinite=skip); see meta/nonfinite in %s",
+                            count, section, metrics.METRICS_FILE)
     return summary
 
 
+@dataclasses.dataclass(frozen=True)
+class Health:
+    """When a phase counts as diverged (see `check_health`).
+
+    Attributes:
+        max_cross_entropy: the student's mean train cross-entropy (nats) above which
+            it has diverged (``config.train.max_cross_entropy``).
+        max_growth: a logged value whose magnitude exceeds this many times its first
+            logged magnitude (or 1, if larger) has exploded (``config.train.max_growth``):
+            a loss teacher's parameters, the loss network's spread, any loss.
+        nonfinite_section: the config section of the phase's teacher (named in errors);
+            None: the phase has no teacher.
+        nonfinite_raises: stop at a non-finite teacher update (``on_nonfinite="raise"``)
+            instead of counting it as skipped.
+    """
+
+    max_cross_entropy: float = np.inf
+    max_growth: float = np.inf
+    nonfinite_section: str | None = None
+    nonfinite_raises: bool = False
+
+
+def check_health(scalars: dict, step: int, health: Health, first: dict) -> bool:
+    """Checks one outer step's metrics for divergence.
+
+    A skipped teacher update (``meta/nonfinite`` > 0) is allowed, unless the policy is
+    ``raise``, and only the ``meta/`` values describing it may then be non-finite. Any
+    other non-finite value, a train cross-entropy above ``health.max_cross_entropy``,
+    or a value grown past ``health.max_growth`` times its first logged magnitude is
+    divergence.
+
+    Args:
+        scalars: the step's metric values by name.
+        step: the student step they belong to.
+        health: the thresholds and the teacher's non-finite policy.
+        first: each metric's first finite logged value (this step's are added).
+
+    Returns:
+        Whether the step skipped a non-finite teacher update.
+
+    Raises:
+        DivergenceError: in one line, naming the value, the step and what to change.
+    """
+    section = health.nonfinite_section
+    skipped = scalars.get("meta/nonfinite", 0.0) > 0
+    if skipped and health.nonfinite_raises:
+        raise DivergenceError(
+            f"non-finite teacher update at step {step} (not applied); lower "
+            f"config.{section}'s learning rates and step sizes or set "
+            f"config.{section}.on_nonfinite=skip")
+
+    def remedy(name):
+        if section is None or name.startswith(("train/", "dev/", "test/")):
+            return "lower config.optimizer.learning_rate or check the data"
+        return f"lower config.{section}'s learning rates and step sizes"
+
+    for name, value in scalars.items():
+        if skipped and name.startswith("meta/"):
+            continue  # describes the update that was not applied
+        if not np.isfinite(value):
+            raise DivergenceError(f"diverged at step {step}: {name} is {value}; "
+                                  f"{remedy(name)}")
+        limit = health.max_growth * max(abs(first.setdefault(name, value)), 1.0)
+        if abs(value) > limit:
+            raise DivergenceError(
+                f"diverged at step {step}: {name} is {value:.3g}, over "
+                f"config.train.max_growth ({health.max_growth:g}) times its first value "
+                f"({first[name]:.3g}); {remedy(name)}")
+    cross_entropy = scalars.get("train/cross_entropy", 0.0)
+    if cross_entropy > health.max_cross_entropy:
+        raise DivergenceError(
+            f"diverged at step {step}: the student's train cross-entropy is "
+            f"{cross_entropy:.3g} nats, above config.train.max_cross_entropy "
+            f"({health.max_cross_entropy:g}); {remedy('train/')}")
+    return skipped
+
+
 def run_phase(method: methods.OuterLoop, state, splits: data.Splits, workdir: str, *,
-              seed: int, schedule: Schedule, nonfinite_raises: bool = False,
-              nonfinite_section: str | None = None):
+              seed: int, schedule: Schedule, health: Health = Health()):
     """Runs outer steps until `schedule.num_steps`, resuming from `workdir`'s checkpoint.
 
     Args:
@@ -124,13 +240,16 @@ def run_phase(method: methods.OuterLoop, state, splits: data.Splits, workdir: st
         workdir: the phase's directory.
         seed: data-order seed.
         schedule: lengths and intervals.
-        nonfinite_raises: stop with an error when a teacher update was non-finite
-            (otherwise such updates are skipped and counted in ``meta/nonfinite``).
-        nonfinite_section: the config section the error names.
+        health: when the phase has diverged (`check_health`); a diverged step is
+            written to the metrics, never to a checkpoint.
 
     Returns:
         ``(state, summary)``; the summary has the dev-selected test error when the
-        schedule evaluates, else it is empty.
+        schedule evaluates, and the number of skipped non-finite teacher updates
+        (`SKIPPED_FIELD`) when the phase has a teacher.
+
+    Raises:
+        DivergenceError: the phase diverged.
     """
     os.makedirs(workdir, exist_ok=True)
     evaluate = schedule.eval_every > 0
@@ -144,55 +263,59 @@ def run_phase(method: methods.OuterLoop, state, splits: data.Splits, workdir: st
                for name in views(method.model)},
         }
     checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-    full_state, start_step = checkpointer.restore_or(full_state)
+    full_state, start_step, records = checkpointer.restore_or(full_state)
     if start_step:
         logging.info("resumed %s from the checkpoint at step %d", workdir, start_step)
-    writer = metrics.MetricWriter(workdir, resume_step=start_step)
+    writer = metrics.MetricWriter(workdir, resume_step=start_step, records=records)
     progress = metrics.Progress(start_step, schedule.num_steps)
     outer_step = jax.jit(method.outer_step, donate_argnums=0)
     start_time = time.perf_counter()
 
     step = start_step
-    while step < schedule.num_steps:
-        batches = method.batches(splits, seed, step)
-        full_state["method"], step_metrics = outer_step(full_state["method"], batches)
-        step += method.steps_per_call
-        scalars = {f"train/{k}" if "/" not in k else k: float(np.mean(v))
-                   for k, v in step_metrics.items()}
-        if not np.isfinite(scalars["train/loss"]):
-            raise FloatingPointError(
-                f"non-finite training loss at step {step}; lower "
-                "config.optimizer.learning_rate or check the data"
+    first = {}  # each metric's first finite value, the scale its growth is measured from
+    for record in writer.records:
+        for name, value in record.items():
+            if np.isfinite(value):
+                first.setdefault(name, value)
+    try:
+        while step < schedule.num_steps:
+            batches = method.batches(splits, seed, step)
+            full_state["method"], step_metrics = outer_step(full_state["method"], batches)
+            step += method.steps_per_call
+            scalars = {f"train/{k}" if "/" not in k else k: float(np.mean(v))
+                       for k, v in step_metrics.items()}
+            try:
+                check_health(scalars, step, health, first)
+            except DivergenceError:
+                writer.write(step, scalars)  # the diverged step, for the user to see
+                raise
+            is_eval_step = evaluate and (
+                step % schedule.eval_every == 0 or step >= schedule.num_steps
             )
-        if nonfinite_raises and scalars.get("meta/nonfinite", 0.0) > 0:
-            raise FloatingPointError(
-                f"non-finite meta-gradient at step {step} (the update was not applied); "
-                f"lower config.{nonfinite_section}.learning_rate or set "
-                f"config.{nonfinite_section}.on_nonfinite=skip"
-            )
-        is_eval_step = evaluate and (
-            step % schedule.eval_every == 0 or step >= schedule.num_steps
-        )
-        if is_eval_step:
-            scalars.update(_evaluate(method, full_state, splits, schedule, step))
-        writer.write(step, scalars)
-        progress.report(step, scalars, force=is_eval_step or not evaluate)
-        if step % schedule.checkpoint_every == 0 or step >= schedule.num_steps:
-            checkpointer.save(step, full_state)
-    checkpointer.close()
-    writer.close()
+            if is_eval_step:
+                scalars.update(_evaluate(method, full_state, splits, schedule, step))
+            writer.write(step, scalars)
+            progress.report(step, scalars, force=is_eval_step or not evaluate)
+            if step % schedule.checkpoint_every == 0 or step >= schedule.num_steps:
+                checkpointer.save(step, full_state, writer.records)
+    finally:
+        checkpointer.close()
+        writer.close()
+    summary = {}
+    if health.nonfinite_section:
+        summary[SKIPPED_FIELD] = sum(r.get("meta/nonfinite", 0.0) > 0 for r in writer.records)
     if not evaluate:
-        return full_state["method"], {}
+        return full_state["method"], summary
 
     final = _evaluate_splits(method, full_state, splits, schedule.eval_batch_size)
-    summary = {
+    summary.update({
         "final_dev_error": final["dev/error"],
         "final_test_error": final["test/error"],
         "best_dev_error": float(full_state["best"]["dev_error"]),
         "best_step": int(full_state["best"]["step"]),
         "test_error": float(full_state["best"]["test_error"]),
         "wall_seconds_this_run": time.perf_counter() - start_time,
-    }
+    })
     for name in views(method.model):
         summary[f"{name}_test_error"] = float(full_state["best"][f"{name}_test_error"])
         summary[f"final_{name}_test_error"] = final[f"test/{name}_error"]

@@ -6,9 +6,8 @@ Run one with `python -m launch.train --config=<example> --workdir=DIR`, or any c
 with `--config.method=<name>` when it has the method's sections.
 """
 
-from absl import app
-
 from l2t_jax import methods
+from launch import cli
 
 
 def table() -> str:
@@ -22,10 +21,9 @@ def table() -> str:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    del argv  # `cli.run` refuses extra arguments
     print(table())
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -13,43 +13,53 @@ import json
 import os
 
 import ml_collections
-from absl import app, flags
+from absl import flags
 
 import launch
 from l2t_jax import methods, metrics, plots, train
 from l2t_jax.errors import ConfigError
+from launch import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run's directory (see launch.train).")
 flags.mark_flag_as_required("workdir")
 
 
+def _read_json(path: str, what: str) -> dict:
+    """A JSON file of the run, or a one-line `ConfigError` saying what is wrong."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"no {os.path.basename(path)} in {os.path.dirname(path)}: "
+                          f"not a run's --workdir ({what})") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} is unreadable ({e}); {what}") from None
+
+
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    del argv  # `cli.run` refuses extra arguments
     launch.quiet_library_logging()
     workdir = _WORKDIR.value
+    if not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir {workdir} is not a directory; point it at a run's "
+                          "--workdir")
+    config = ml_collections.ConfigDict(_read_json(
+        os.path.join(workdir, train.CONFIG_FILE), "launch.train writes it at the start"))
+    method = methods.get(config.get("method", ""))
     records = metrics.read_metrics(workdir)
     if not records:
-        raise app.UsageError(f"no {metrics.METRICS_FILE} in {workdir}; train first")
+        raise ConfigError(f"no metrics in {workdir}/{metrics.METRICS_FILE}; train first")
     summary = {}
     summary_path = os.path.join(workdir, train.SUMMARY_FILE)
     if os.path.exists(summary_path):
-        with open(summary_path) as f:
-            summary = json.load(f)
+        summary = _read_json(summary_path, "rerun launch.train to rewrite it")
     path = os.path.join(workdir, "curves.png")
     plots.plot_training_curves(records, path, plots.run_title(summary))
     print(path)
-
-    with open(os.path.join(workdir, train.CONFIG_FILE)) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    try:
-        method = methods.get(config.method)
-    except ConfigError as e:
-        raise app.UsageError(str(e)) from None
     if method.draw is not None:
         for path in method.draw(config, workdir, records, summary):
             print(path)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -70,17 +70,20 @@ seed; records of other methods already in the file are kept) and the table
 docs/results.md from every JSON file there.
 """
 
+import ast
 import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 import launch
 from configs import distill, l2t_dlf, l2t_dln, one, robust
 from l2t_jax import data, plots, students, train
+from l2t_jax.errors import ConfigError
+from launch import cli
 
 # The taught warm DLN under the proper rule (scale preserved), and with the descent test.
 _PROPER = {"dln.preserve_scale": True, "dln.accept": "proper"}
@@ -183,15 +186,40 @@ _SET = flags.DEFINE_list(
 flags.mark_flag_as_required("workdir")
 
 
-def parse_overrides(items: list[str]) -> dict:
-    """``["a.b=v", ...]`` -> ``{"a.b": "v"}`` (values converted by `method_config`)."""
+def parse_overrides(items: list[str], configs: list) -> dict:
+    """``["a.b=v", ...]`` -> ``{"a.b": value}``, each value parsed as ``--config.a.b=v``
+    would parse it for the field's type in the first of `configs` that has it.
+
+    Raises:
+        ConfigError: a malformed item, a field none of `configs` has, or a bad value.
+    """
     overrides = {}
     for item in items:
-        dotted, sep, value = item.partition("=")
+        dotted, sep, text = item.partition("=")
         if not sep or dotted.count(".") != 1:
-            raise app.UsageError(f"--set expects section.field=value, got {item!r}")
-        overrides[dotted] = value
+            raise ConfigError(f"--set expects section.field=value, got {item!r}")
+        section, field = dotted.split(".")
+        having = [c for c in configs if section in c and field in c[section]]
+        if not having:
+            raise ConfigError(f"--set {item}: no selected method's config has "
+                              f"config.{dotted}; check the name (see configs/)")
+        overrides[dotted] = _parse_value(item, text, having[0][section][field])
     return overrides
+
+
+def _parse_value(item: str, text: str, old):
+    """`text` as a value of `old`'s type (bools as absl parses them: true/false/1/0)."""
+    parsers = ((bool, flags.BooleanParser()), (int, flags.IntegerParser()),
+               (float, flags.FloatParser()))
+    try:
+        for kind, parser in parsers:
+            if isinstance(old, kind):
+                return parser.parse(text)
+        if isinstance(old, (tuple, list)):
+            return type(old)(ast.literal_eval(text))
+    except (ValueError, TypeError, SyntaxError) as e:
+        raise ConfigError(f"--set {item}: {e}") from None
+    return text
 
 
 def applicable_overrides(config, extra: dict) -> dict:
@@ -205,9 +233,9 @@ def applicable_overrides(config, extra: dict) -> dict:
 def method_config(dataset: str, method: str, noise: float = 0.0, extra: dict | None = None):
     """The config of one `METHODS` row on one dataset variant and training-label noise.
 
-    `extra` (``{"section.field": value}``, string values converted to the field's type)
-    is applied last; a field the method's config does not have is skipped (so that,
-    e.g., teacher settings leave the CE rows alone).
+    `extra` (``{"section.field": value}``, from `parse_overrides`) is applied last; a
+    field the method's config does not have is skipped (so that, e.g., teacher settings
+    leave the CE rows alone).
     """
     module, options, config_method, overrides = METHODS[method]
     config = module.get_config(dataset + options)
@@ -215,13 +243,57 @@ def method_config(dataset: str, method: str, noise: float = 0.0, extra: dict | N
     extra = applicable_overrides(config, extra or {})
     for dotted, value in {**overrides, **extra}.items():
         section, field = dotted.split(".")
-        old = config[section][field]
-        if isinstance(value, str) and not isinstance(old, str):
-            value = (value.lower() in ("1", "true")) if isinstance(old, bool) else type(old)(value)
         config[section][field] = value
     if noise:
         config.data.update(noise_type="symmetric", noise_rate=noise)
     return config
+
+
+def checked_configs(datasets: list[str], noises: list[str], names: list[str],
+                    seeds: int, items: list[str]) -> tuple[dict, dict]:
+    """Every run's config of one call, checked before any runs.
+
+    Returns:
+        ``(configs, overrides)``: ``{(dataset, noise, method): config}`` and the parsed
+        ``--set`` overrides.
+
+    Raises:
+        ConfigError: the first bad flag or config, in one line.
+    """
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"unknown --methods {unknown}; choose from {list(METHODS)}")
+    rates = []
+    for text in noises:
+        try:
+            rates.append(float(text))
+        except ValueError:
+            raise ConfigError(f"--noise expects rates in [0, 1), got {text!r}") from None
+        if not 0.0 <= rates[-1] < 1.0:
+            raise ConfigError(f"--noise expects rates in [0, 1), got {text!r}")
+
+    def config_of(dataset, method, noise=0.0, extra=None):
+        try:
+            return method_config(dataset, method, noise, extra)
+        except ConfigError:
+            raise
+        except ValueError as e:  # an unknown or unsupported dataset variant
+            raise ConfigError(f"--datasets={dataset} with --methods={method}: {e}") from None
+
+    extra = parse_overrides(items, [config_of(d, m) for d in datasets for m in names])
+    configs = {}
+    for dataset in datasets:
+        for noise in rates:
+            for method in names:
+                config = config_of(dataset, method, noise, extra)
+                try:
+                    train.validate_config(config)
+                except ConfigError as e:
+                    raise ConfigError(f"{dataset} noise {noise} {method}: {e}") from None
+                configs[dataset, noise, method] = config
+    return configs, extra
 
 
 def run_one(config, dataset: str, noise: float, method: str, seed: int) -> dict:
@@ -268,50 +340,48 @@ def student_cost(config) -> dict:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    del argv  # `cli.run` refuses extra arguments
     launch.quiet_library_logging()
-    unknown = [m for m in _METHODS.value if m not in METHODS]
-    if unknown:
-        raise app.UsageError(f"unknown --methods {unknown}; choose from {list(METHODS)}")
-    extra = parse_overrides(_SET.value)
+    configs, extra = checked_configs(_DATASETS.value, _NOISE.value, _METHODS.value,
+                                     _SEEDS.value, _SET.value)
     results_dir = os.path.join(_OUT.value, "results")
     os.makedirs(results_dir, exist_ok=True)
-    for dataset in _DATASETS.value:
-        for noise in (float(n) for n in _NOISE.value):
-            records = []
-            for method in _METHODS.value:
-                config = method_config(dataset, method, noise, extra)
-                summaries = [run_one(config, dataset, noise, method, s)
-                             for s in range(_SEEDS.value)]
-                errors = [s["test_error"] for s in summaries]
-                record = {
-                    "dataset": dataset, "noise": noise, "student": config.student.name,
-                    "method": method, "seeds": list(range(_SEEDS.value)),
-                    "test_error": errors, "mean": float(np.mean(errors)), "std": _std(errors),
-                }
-                for view in _views(summaries[0]):
-                    view_errors = [s[f"{view}_test_error"] for s in summaries]
-                    record.update({f"{view}_test_error": view_errors,
-                                   f"{view}_mean": float(np.mean(view_errors)),
-                                   f"{view}_std": _std(view_errors)})
-                if "target" in config:
-                    record["target"] = config.target.model.name
-                if method.startswith("ms-"):
-                    record.update(student_cost(config))
-                used = applicable_overrides(config, extra)
-                if used:
-                    record["overrides"] = used
-                records.append(record)
-            path = os.path.join(results_dir, f"{dataset}_noise{noise}.json")
-            kept = []
-            if os.path.exists(path):
-                with open(path) as f:
-                    kept = [r for r in json.load(f) if r["method"] not in _METHODS.value]
-            order = list(METHODS)
-            records = sorted(kept + records, key=lambda r: order.index(r["method"]))
-            with open(path, "w") as f:
-                json.dump(records, f, indent=2)
+    settings = {}
+    for (dataset, noise, method), config in configs.items():
+        settings.setdefault((dataset, noise), []).append((method, config))
+    for (dataset, noise), rows_of_setting in settings.items():
+        records = []
+        for method, config in rows_of_setting:
+            summaries = [run_one(config, dataset, noise, method, s)
+                         for s in range(_SEEDS.value)]
+            errors = [s["test_error"] for s in summaries]
+            record = {
+                "dataset": dataset, "noise": noise, "student": config.student.name,
+                "method": method, "seeds": list(range(_SEEDS.value)),
+                "test_error": errors, "mean": float(np.mean(errors)), "std": _std(errors),
+            }
+            for view in _views(summaries[0]):
+                view_errors = [s[f"{view}_test_error"] for s in summaries]
+                record.update({f"{view}_test_error": view_errors,
+                               f"{view}_mean": float(np.mean(view_errors)),
+                               f"{view}_std": _std(view_errors)})
+            if "target" in config:
+                record["target"] = config.target.model.name
+            if method.startswith("ms-"):
+                record.update(student_cost(config))
+            used = applicable_overrides(config, extra)
+            if used:
+                record["overrides"] = used
+            records.append(record)
+        path = os.path.join(results_dir, f"{dataset}_noise{noise}.json")
+        kept = []
+        if os.path.exists(path):
+            with open(path) as f:
+                kept = [r for r in json.load(f) if r["method"] not in _METHODS.value]
+        order = list(METHODS)
+        records = sorted(kept + records, key=lambda r: order.index(r["method"]))
+        with open(path, "w") as f:
+            json.dump(records, f, indent=2)
     rows = []
     for name in sorted(os.listdir(results_dir)):
         with open(os.path.join(results_dir, name)) as f:
@@ -469,4 +539,4 @@ def write_table(rows: list[dict], path: str) -> str:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -3,7 +3,10 @@ r"""Trains as a config says, resuming from the latest checkpoint in --workdir.
   python -m launch.train --config=configs/ce_baseline.py[:variant] --workdir=DIR \
       [--config.train.num_steps=500 ...]
 
-Writes DIR/metrics.jsonl, DIR/tensorboard/, DIR/checkpoints/ and DIR/summary.json.
+Writes DIR/config.json, DIR/metrics.jsonl, DIR/tensorboard/, DIR/checkpoints/ and
+DIR/summary.json. A DIR made by another config is refused (--allow_config_change
+continues it). Exit codes: 0 done, 1 diverged or could not write, 2 bad input (one line
+on stderr; docs/runs.md).
 
 Multi-host (one process per host, the same command on each; see the README):
   python -m launch.train ... --coordinator_address=HOST0:1234 --num_processes=N \
@@ -11,13 +14,12 @@ Multi-host (one process per host, the same command on each; see the README):
   (or --coordinator_address=auto on a cluster JAX detects: Cloud TPU, SLURM, Open MPI)
 """
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 import launch
 from l2t_jax import train
-from l2t_jax.errors import ConfigError
-from launch import distributed
+from launch import cli, distributed
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py[:arg]).", lock_config=True
@@ -28,24 +30,22 @@ _COORDINATOR = flags.DEFINE_string(
     "Multi-host: host:port of process 0 ('auto': read from the cluster); unset: one process.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: processes in all.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False,
+    "Continue a run whose workdir was made by another config, with this config (without "
+    "it, such a workdir is refused).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:  # before anything touches JAX's devices
-        distributed.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                           _PROCESS_ID.value)
-    except ConfigError as e:
-        raise app.UsageError(str(e)) from None
+    del argv  # `cli.run` refuses extra arguments
+    # Before anything touches JAX's devices.
+    distributed.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                       _PROCESS_ID.value)
     launch.quiet_library_logging()
-    logging.info("config:\n%s", _CONFIG.value)
-    try:
-        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except ConfigError as e:  # bad input: one line saying what to change, no traceback
-        raise app.UsageError(str(e)) from None
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                             allow_config_change=_ALLOW_CONFIG_CHANGE.value)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -71,7 +71,9 @@ def test_dataset_names():
 @pytest.mark.parametrize("name", sorted(OFFLINE_SIZES))
 def test_offline_datasets_load_with_expected_sizes(name, data_dir):
     num_train, num_test, input_shape, num_classes = OFFLINE_SIZES[name]
-    splits = data.load_splits(make_config(data_dir, name=name, dev_size=50))
+    config = make_config(data_dir, name=name, dev_size=50)
+    splits = data.load_splits(config)
+    assert data.split_sizes(config) == {"train": num_train - 50, "dev": 50, "meta_dev": 50}
 
     assert (splits.name, splits.num_classes, splits.input_shape) == (
         name,
@@ -177,8 +179,9 @@ def test_standard_dataset_without_network_fails_with_one_line(tmp_path):
 
 @pytest.mark.parametrize("name", ["fake_mnist", "fake_cifar10", "fake_cifar100"])
 def test_fake_datasets_are_deterministic_and_learnable(name, data_dir):
-    splits = data.load_splits(make_config(data_dir, name=name))
-    again = data.load_splits(make_config(data_dir, name=name))
+    config = make_config(data_dir, name=name)
+    splits, again = data.load_splits(config), data.load_splits(config)
+    assert data.split_sizes(config)["train"] == len(splits.train.y)
     np.testing.assert_array_equal(splits.train.x, again.train.x)
     # Pixels lean towards a per-class template: class means differ clearly.
     x, y = splits.train.x.reshape(len(splits.train.y), -1), splits.train.y
@@ -223,8 +226,10 @@ def test_splits_are_deterministic_and_split_seed_changes_dev(data_dir):
 def test_meta_dev_is_a_stratified_part_of_dev_disjoint_from_selection(data_dir):
     whole = data.load_splits(make_config(data_dir))
     assert whole.meta_dev is whole.dev  # default: teachers read the dev split
-    parted = data.load_splits(make_config(data_dir, meta_dev_size=40))
+    config = make_config(data_dir, meta_dev_size=40)
+    parted = data.load_splits(config)
     assert len(parted.meta_dev.y) == 40 and len(parted.dev.y) == 60
+    assert data.split_sizes(config) == {"train": len(parted.train.y), "dev": 60, "meta_dev": 40}
     np.testing.assert_array_equal(parted.train.x, whole.train.x)  # train is untouched
     rows = {tuple(x.ravel()) for x in whole.dev.x}
     meta = {tuple(x.ravel()) for x in parted.meta_dev.x}

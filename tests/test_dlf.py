@@ -9,7 +9,7 @@ import pytest
 
 from configs import l2t_dlf, l2t_dln
 from l2t_jax import engine, metrics, objectives, optimizers, teachers, train
-from l2t_jax.errors import ConfigError
+from l2t_jax.errors import ConfigError, DivergenceError
 from l2t_jax.losses.bilinear import bilinear_sigmoid_loss, identity_bilinear
 from l2t_jax.methods import dlf, teaching
 from l2t_jax.methods.dlf import make_dlf_loss_fn
@@ -343,3 +343,44 @@ def test_pretrained_start_follows_the_seed_and_starts_every_method(tmp_path):
     config.method, config.teacher.pretrain_steps = "ce", 0
     scratch = train.train_and_evaluate(config, str(tmp_path / "scratch"))["final_test_error"]
     assert max(errors.values()) < scratch, (errors, scratch)
+
+
+def test_an_exploding_teacher_stops_the_run_in_one_line(tmp_path):
+    # Adam at 1e6: every parameter moves by ~1e6 per update, the loss is garbage.
+    config = l2t_dlf.get_config("digits,smoke")
+    config.teacher.learning_rate = 1e6
+    with pytest.raises(DivergenceError, match="meta/teacher_norm .* config.teacher's") as error:
+        train.train_and_evaluate(config, str(tmp_path))
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / train.SUMMARY_FILE).exists()
+    # The diverged step is in the metrics, for the user to see.
+    records = metrics.read_metrics(str(tmp_path / dlf.TEACHER_DIR))
+    assert records[-1]["meta/teacher_norm"] > 1e6 * records[0]["meta/teacher_norm"]
+
+
+def stop_then_skip(config, section, workdir, step: int) -> dict:
+    """Runs `config` with ``section.on_nonfinite="raise"``, then ``"skip"``.
+
+    Both runs are one program (the policy is the driver's), compiled once. Asserts the
+    first stops at `step` without a summary; returns the second's summary.
+    """
+    section.on_nonfinite = "raise"
+    with pytest.raises(DivergenceError, match=f"non-finite teacher update at step {step}\\b"):
+        train.train_and_evaluate(config, str(workdir / "raise"))
+    assert not (workdir / "raise" / train.SUMMARY_FILE).exists()
+    section.on_nonfinite = "skip"
+    return train.train_and_evaluate(config, str(workdir / "skip"))
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # the rate itself
+def test_an_overflowing_teacher_update_stops_the_run_or_is_skipped_and_counted(tmp_path):
+    # Adam at 1e39 overflows float32: every proposed teacher is non-finite.
+    config = l2t_dlf.get_config("digits,smoke")
+    config.teacher.learning_rate = 1e39
+    summary = stop_then_skip(config, config.teacher, tmp_path, step=10)
+    records = metrics.read_metrics(str(tmp_path / "skip" / dlf.TEACHER_DIR))
+    assert summary[train.SKIPPED_FIELD] == len(records) == 3
+    assert all(r["meta/nonfinite"] == 1 for r in records)
+    # Nothing non-finite was kept: the student trained under the initial teacher.
+    assert summary["test_error"] < 50
+

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 from jax.flatten_util import ravel_pytree
+from test_dlf import stop_then_skip
 
 from configs import l2t_dln
 from l2t_jax import data, engine, methods, metrics, train
@@ -514,3 +515,16 @@ def test_teacher_reads_the_meta_dev_split_not_the_selection_dev():
     parted = data.Splits("toy", C, (3,), splits.train, splits.dev, splits.test, meta)
     val = method.batches(parted, seed=0, start_step=0)["val"]
     assert (val["x"] > 50).all()  # every validation example is a meta-dev one
+
+
+def test_exploding_dln_proposals_stop_the_run_or_are_skipped_and_counted(tmp_path):
+    # A DLN step of 1e6 makes every proposal's loss surface overflow.
+    config = l2t_dln.get_config("digits,smoke")
+    config.dln.step_size = 1e6
+    summary = stop_then_skip(config, config.dln, tmp_path, step=5)
+    records = metrics.read_metrics(str(tmp_path / "skip"))
+    assert summary[train.SKIPPED_FIELD] == len(records) == 4
+    # None was kept: the DLN and its surface stay the initial, finite ones.
+    assert all(r["meta/nonfinite"] == 1 and r["dln/accepted"] == 0 for r in records)
+    assert all(np.isfinite(r["dln/spread"]) for r in records)
+    assert np.isfinite(summary["dln_scale_growth"])

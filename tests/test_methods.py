@@ -112,7 +112,7 @@ def test_a_checkpoint_of_another_state_layout_stops_with_one_line(tmp_path):
     # What a run of an older l2t_jax left: the method state as a dict with other keys.
     old = checkpoint.Checkpointer(str(tmp_path / "checkpoints"))
     old.save(20, {"method": {"student": {"w": jnp.ones(3)}, "teacher": None,
-                             "teacher_opt": None}, "best": {"step": jnp.asarray(20)}})
+                             "teacher_opt": None}, "best": {"step": jnp.asarray(20)}}, [])
     old.close()
     with pytest.raises(ConfigError, match="holds a state of another layout") as error:
         train.train_and_evaluate(ce_baseline.get_config("digits,smoke"), str(tmp_path))

@@ -225,7 +225,7 @@ def test_checkpoint_written_on_8_devices_restores_on_1(tmp_path, sharding_proble
     }
     assert len(sharded["students"].params["Dense_0"]["kernel"].sharding.device_set) == 8
     writer = Checkpointer(str(tmp_path))
-    writer.save(7, sharded)
+    writer.save(7, sharded, [])
     writer.close()
 
     one_device = jax.devices()[0]
@@ -234,7 +234,7 @@ def test_checkpoint_written_on_8_devices_restores_on_1(tmp_path, sharding_proble
         one_device,
     )
     reader = Checkpointer(str(tmp_path))
-    restored, step = reader.restore_or(template)
+    restored, step, _ = reader.restore_or(template)
     reader.close()
     assert step == 7
     chex.assert_trees_all_equal(jax.device_get(restored), jax.device_get(sharded))

@@ -69,13 +69,18 @@ def test_a_multi_branch_row_shows_its_ensemble_beside_the_branch(tmp_path):
 
 
 def test_overrides_convert_types_skip_other_methods_and_are_flagged(tmp_path):
-    extra = results.parse_overrides(["teacher.num_episodes=25", "teacher.teach_online=true"])
+    configs = [results.method_config("digits", m) for m in ("ce-long", "l2t-dlf")]
+    extra = results.parse_overrides(["teacher.num_episodes=25", "teacher.teach_online=t"],
+                                    configs)
+    assert extra == {"teacher.num_episodes": 25, "teacher.teach_online": True}
     config = results.method_config("digits", "l2t-dlf", 0.4, extra)
     assert config.teacher.num_episodes == 25 and config.teacher.teach_online is True
     # CE in the DLN group has no teacher section: nothing applies to it.
-    assert results.applicable_overrides(results.method_config("digits", "ce-long"), extra) == {}
-    with pytest.raises(Exception, match="section.field=value"):
-        results.parse_overrides(["episodes=3"])
+    assert results.applicable_overrides(configs[0], extra) == {}
+    # As --config.x=v parses: "yes" is no bool, a typo is no field.
+    for bad in (["episodes=3"], ["teacher.teach_online=yes"], ["teacher.num_episode=3"]):
+        with pytest.raises(ConfigError):
+            results.parse_overrides(bad, configs)
     rows = [{"dataset": "mnist_5k", "noise": 0.0, "student": "lenet5", "method": m,
              "seeds": [0], "test_error": [1.0], "mean": 1.0, "std": 0.0,
              **({"overrides": {"teacher.num_episodes": "25"}} if m == "l2t-dlf" else {})}

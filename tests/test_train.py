@@ -7,11 +7,12 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from configs import ce_baseline
-from l2t_jax import data, metrics, train
-from l2t_jax.errors import ConfigError
+from l2t_jax import checkpoint, data, metrics, train
+from l2t_jax.errors import ConfigError, DivergenceError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,12 +59,15 @@ def test_resume_after_a_crash_finishes_with_the_same_metrics(tmp_path, monkeypat
         train.train_and_evaluate(smoke_config(), crashed)
     assert [r["step"] for r in metrics.read_metrics(crashed)][-1] == 50
     monkeypatch.setattr(data, "stacked_batches", original)
+    with open(os.path.join(crashed, metrics.METRICS_FILE), "a") as f:
+        f.write('{"step": 60, "train/lo')  # what a kill in the middle of a write leaves
 
     resumed = train.train_and_evaluate(smoke_config(), crashed)
     for key in ("test_error", "best_dev_error", "best_step", "final_test_error",
                 "final_dev_error"):
         assert resumed[key] == reference[key], key
-    # The JSONL history is the same as the uninterrupted run's, each step once.
+    # The JSONL history is the same as the uninterrupted run's, each step once, the torn
+    # line gone.
     expected = metrics.read_metrics(str(tmp_path / "reference"))
     assert metrics.read_metrics(crashed) == expected
 
@@ -101,28 +105,69 @@ def test_killed_launcher_resumes_and_matches_an_uninterrupted_run(tmp_path):
         assert resumed[key] == reference[key], key
 
 
-def test_launcher_reports_bad_config_in_one_line_without_traceback(tmp_path):
-    result = subprocess.run(_launch(tmp_path, "--config.student.name=resnet"), cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
-    assert "unknown student 'resnet'" in result.stderr
-    assert "Traceback" not in result.stderr
+def _files(directory):
+    """``{relative path: bytes}`` of every file under `directory`."""
+    found = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                found[os.path.relpath(os.path.join(root, name), directory)] = f.read()
+    return found
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("method", "l2t", "config.method"),
-    ("train.num_steps", 0, "config.train.num_steps must be an integer >= 1"),
-    ("train.eval_every", 15, "config.train.eval_every (15) must be a multiple"),
-    ("optimizer.name", "lamb", "config.optimizer.name"),
-    ("optimizer.learning_rate", -1.0, "config.optimizer.learning_rate must be > 0"),
-    ("engine.remat", "everything", "config.engine.remat"),
-    ("data.name", "imagenet", "imagenet"),
-    ("data.noise_rate", 1.5, "noise_rate"),
-    ("student.name", "vit", "unknown student 'vit'"),
+def test_a_workdir_of_another_config_is_refused_unless_allowed(tmp_path):
+    train.train_and_evaluate(smoke_config(), str(tmp_path))
+    before = _files(tmp_path)
+    changed = smoke_config()
+    changed.optimizer.learning_rate = 0.5
+    with pytest.raises(ConfigError, match="config.optimizer.learning_rate: 0.05 -> 0.5"):
+        train.train_and_evaluate(changed, str(tmp_path))
+    assert _files(tmp_path) == before  # nothing written
+    # The checkpoint interval and the divergence thresholds change no finished result.
+    train.train_and_evaluate(smoke_config(checkpoint_every=30, max_growth=1e9), str(tmp_path))
+    train.train_and_evaluate(changed, str(tmp_path), allow_config_change=True)
+    with open(tmp_path / train.CONFIG_FILE) as f:
+        assert json.load(f)["optimizer"]["learning_rate"] == 0.5
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    reference = train.train_and_evaluate(smoke_config(), str(tmp_path))
+    expected = metrics.read_metrics(str(tmp_path))
+    # Random bytes in the middle of the newest checkpoint's largest data file: orbax
+    # restores it without complaint, with wrong values.
+    data_files = [os.path.join(root, name)
+                  for root, _, names in os.walk(tmp_path / "checkpoints" / "60")
+                  for name in names if os.sep + "d" + os.sep in os.path.join(root, name)]
+    largest = max(data_files, key=os.path.getsize)
+    with open(largest, "r+b") as f:
+        f.seek(os.path.getsize(largest) // 2)
+        f.write(os.urandom(64))
+
+    resumed = train.train_and_evaluate(smoke_config(), str(tmp_path))
+    for key in ("test_error", "best_dev_error", "best_step", "final_test_error"):
+        assert resumed[key] == reference[key], key
+    assert metrics.read_metrics(str(tmp_path)) == expected
+    assert os.listdir(tmp_path / checkpoint.DAMAGED_DIR) == ["60"]  # kept, set aside
+
+
+def test_a_skipped_teacher_update_is_allowed_unless_the_policy_raises():
+    scalars = {"train/loss": 0.5, "meta/nonfinite": 1.0, "meta/objective": np.nan}
+    assert train.check_health(scalars, 10, train.Health(nonfinite_section="teacher"), {})
+    with pytest.raises(DivergenceError, match="on_nonfinite=skip"):
+        train.check_health(scalars, 10, train.Health(nonfinite_section="teacher",
+                                                     nonfinite_raises=True), {})
+
+
+@pytest.mark.parametrize("scalars, first, message", [
+    ({"train/loss": np.inf}, {}, "train/loss is inf; lower config.optimizer.learning_rate"),
+    ({"dln/spread": np.nan}, {}, "dln/spread is nan; lower config.dln's learning rates"),
+    ({"meta/teacher_norm": 4e6}, {"meta/teacher_norm": 3.0}, "max_growth"),
+    ({"train/cross_entropy": 2e3}, {"train/cross_entropy": 2.3}, "max_cross_entropy"),
 ])
-def test_bad_config_fields_are_rejected_before_anything_runs(field, value, message):
-    config = smoke_config()
-    section, _, key = field.rpartition(".")
-    (config[section] if section else config)[key] = value
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        train.validate_config(config)
+def test_a_diverging_value_stops_the_run_in_one_line(scalars, first, message):
+    health = train.Health(max_cross_entropy=1e3, max_growth=1e6, nonfinite_section="dln")
+    with pytest.raises(DivergenceError, match=message) as error:
+        train.check_health(scalars, 10, health, first)
+    assert "\n" not in str(error.value)
+    # Growth is measured from the first value, recorded when first seen.
+    assert train.check_health({"meta/teacher_norm": 2e6}, 10, health, {}) is False

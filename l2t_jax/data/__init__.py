@@ -11,6 +11,7 @@ from l2t_jax.data.pipeline import (
     ArraySplit,
     Splits,
     load_splits,
+    split_sizes,
     stacked_batches,
     validate_data_config,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "augment_batch",
     "corrupt_labels",
     "load_splits",
+    "split_sizes",
     "stacked_batches",
     "validate_data_config",
 ]

@@ -48,6 +48,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
+from l2t_jax import config_checks
 from l2t_jax.data import augment, builders, noise
 from l2t_jax.errors import ConfigError
 
@@ -146,21 +147,20 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"unknown config.data.name {name!r}; choose one of {DATASET_NAMES}")
     spec = _SPECS[name]
     dev_size = config.get("dev_size")
-    if not (isinstance(dev_size, int) and 1 <= dev_size < spec.num_train):
+    if not (config_checks.is_integer(dev_size) and 1 <= dev_size < spec.num_train):
         raise ConfigError(
             f"config.data.dev_size must be an integer in [1, {spec.num_train}) for {name} "
             f"(train examples carved out as dev), got {dev_size!r}"
         )
     meta_dev_size = config.get("meta_dev_size", 0)
-    if not (isinstance(meta_dev_size, int) and 0 <= meta_dev_size < dev_size):
+    if not (config_checks.is_integer(meta_dev_size) and 0 <= meta_dev_size < dev_size):
         raise ConfigError(
             f"config.data.meta_dev_size must be an integer in [0, dev_size = {dev_size}) "
             f"(dev examples set aside for teachers), got {meta_dev_size!r}"
         )
-    for field in ("split_seed", "noise_seed"):
-        seed = config.get(field, 0)
-        if not (isinstance(seed, int) and seed >= 0):
-            raise ConfigError(f"config.data.{field} must be an integer >= 0, got {seed!r}")
+    config_checks.check_fields(
+        config_checks.integer(f"config.data.{field}", config.get(field, 0), minimum=0)
+        for field in ("split_seed", "noise_seed"))
     noise.validate_noise(config.get("noise_type", "none"), config.get("noise_rate", 0.0))
     kind = config.get("augment", "none")
     augment.validate_augment(kind)
@@ -169,6 +169,22 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
             f"config.data.augment 'cifar' needs (H, W, C) images but {name} inputs have "
             f"shape {spec.input_shape}; set it to 'none'"
         )
+
+
+def split_sizes(config: ml_collections.ConfigDict) -> dict[str, int]:
+    """The number of examples in each split `load_splits` gives, without reading data.
+
+    Args:
+        config: a valid `data` sub-config (`validate_data_config`).
+
+    Returns:
+        ``{"train": ..., "dev": ..., "meta_dev": ...}`` (``meta_dev`` is the dev split
+        itself when ``meta_dev_size`` is 0).
+    """
+    meta_dev_size = config.get("meta_dev_size", 0)
+    return {"train": _SPECS[config.name].num_train - config.dev_size,
+            "dev": config.dev_size - meta_dev_size,
+            "meta_dev": meta_dev_size or config.dev_size}
 
 
 def load_splits(config: ml_collections.ConfigDict) -> Splits:

@@ -23,6 +23,7 @@ import jax
 import ml_collections
 
 from l2t_jax import data, engine
+from l2t_jax.config_checks import check_fields as check_fields  # the methods' validators
 from l2t_jax.errors import ConfigError
 
 PyTree = Any
@@ -201,10 +202,3 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"method {method.name!r} needs a config.{section} section "
                               f"(see {method.example.split(':')[0]})")
     method.validate(config)
-
-
-def check_fields(checks: Sequence[tuple[bool, str]]) -> None:
-    """Raises a `ConfigError` with the message of the first failed ``(ok, message)``."""
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)

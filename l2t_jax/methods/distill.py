@@ -32,8 +32,9 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
+from l2t_jax import config_checks as checks
 from l2t_jax import optimizers, students, teachers
-from l2t_jax.checkpoint import RUN_CONFIG_FILE
+from l2t_jax import workdir as run_workdir
 from l2t_jax.errors import ConfigError
 from l2t_jax.losses import cross_entropy_loss, mean_cross_entropy, output_loss
 from l2t_jax.losses.distill import attention_transfer, kd_loss
@@ -152,7 +153,7 @@ def check_target_run(config: ml_collections.ConfigDict, directory: str) -> None:
     Raises:
         ConfigError: it trained another network than ``config.target.model``.
     """
-    path = os.path.join(directory, RUN_CONFIG_FILE)
+    path = os.path.join(directory, run_workdir.CONFIG_FILE)
     if not directory or not os.path.exists(path):
         return
     with open(path) as f:
@@ -202,55 +203,61 @@ draw_weights = dlf.weight_teacher_drawing(loss_teacher, "distill_weights.png",
                                           loss_curve=False)
 
 
-def target_checks(config: ml_collections.ConfigDict) -> list:
-    """The ``(ok, message)`` checks of ``config.target``."""
+def validate_target(config: ml_collections.ConfigDict) -> None:
+    """Checks ``config.target``: its network (a student config) and its length."""
     t = config.target
-    return [
+    log_every = config.train.log_every
+    base.check_fields([
         ("name" in t.model, "config.target.model needs a name (a student network, e.g. "
          "cnn1d or wrn)"),
-        (t.num_steps >= 1 and t.num_steps % config.train.log_every == 0,
+        (checks.is_integer(t.num_steps) and t.num_steps >= 1 and t.num_steps % log_every == 0,
          f"config.target.num_steps must be a positive multiple of config.train.log_every "
-         f"({config.train.log_every})"),
-    ]
+         f"({log_every}), got {t.num_steps!r}"),
+    ])
+    students.build_student(t.model, num_classes=2, section="config.target.model")
 
 
 def distill_checks(config: ml_collections.ConfigDict) -> list:
     """The ``(ok, message)`` checks of ``config.distill`` for the configured method."""
     d = config.distill
-    checks = []
-    if uses_kd(config.method):
-        checks += [(0.0 <= d.alpha <= 1.0, "config.distill.alpha must be in [0, 1]"),
-                   (d.temperature > 0, "config.distill.temperature must be > 0")]
-    if uses_at(config.method):
-        checks += [
-            (len(d.stages) > 0, "config.distill.stages must name at least one activation "
-             "(e.g. group_1, group_2, group_3 of a WRN / ResNet)"),
-            (d.beta >= 0, "config.distill.beta must be >= 0"),
+    method = config.method
+    rows = []
+    if uses_kd(method):
+        rows += [checks.number("config.distill.alpha", d.alpha, at_least=0, at_most=1),
+                 checks.number("config.distill.temperature", d.temperature, above=0)]
+    if uses_at(method):
+        rows += [
+            (isinstance(d.stages, tuple | list) and len(d.stages) > 0
+             and all(isinstance(stage, str) for stage in d.stages),
+             f"config.distill.stages must name at least one activation (e.g. group_1, "
+             f"group_2, group_3 of a WRN / ResNet), got {d.stages!r}"),
+            checks.number("config.distill.beta", d.beta, at_least=0),
             (config.student.name not in _STUDENTS_WITHOUT_FEATURE_MAPS,
-             f"{config.method} needs a student with feature maps; {config.student.name!r} "
+             f"{method} needs a student with feature maps; {config.student.name!r} "
              "has none (use kd / l2t-kd, or a convolutional config.student)"),
         ]
-    if config.method.startswith("l2t-"):
-        low, high = d.temperature_range
-        beta_low, beta_high = d.beta_range
-        checks += [
-            (not uses_kd(config.method) or (0 < d.alpha < 1 and low < d.temperature < high),
-             f"{config.method} needs 0 < config.distill.alpha < 1 and "
-             f"config.distill.temperature inside config.distill.temperature_range "
-             f"{tuple(d.temperature_range)}"),
-            (not uses_at(config.method) or beta_low < d.beta < beta_high,
-             f"{config.method} needs config.distill.beta inside config.distill.beta_range "
-             f"{tuple(d.beta_range)}"),
-        ]
-    return checks
+    if method.startswith("l2t-"):  # each weight strictly inside the teacher's bounds
+        rows += [checks.interval("config.distill.temperature_range", d.temperature_range,
+                                 at_least=0),
+                 checks.interval("config.distill.beta_range", d.beta_range, at_least=0)]
+        if uses_kd(method):
+            rows += [checks.number("config.distill.alpha", d.alpha, above=0, below=1,
+                                   note=f" with {method}"),
+                     checks.inside("config.distill.temperature", d.temperature,
+                                   "config.distill.temperature_range", d.temperature_range)]
+        if uses_at(method):
+            rows.append(checks.inside("config.distill.beta", d.beta,
+                                      "config.distill.beta_range", d.beta_range))
+    return rows
 
 
 def validate_hand_set(config: ml_collections.ConfigDict) -> None:
-    base.check_fields(target_checks(config) + distill_checks(config))
+    validate_target(config)
+    base.check_fields(distill_checks(config))
 
 
 def validate_taught(config: ml_collections.ConfigDict) -> None:
-    base.check_fields(target_checks(config))
+    validate_target(config)
     dlf.validate_teaching(config, config.method, config.method.removeprefix("l2t-"),
                           distill_checks(config))
 
@@ -269,7 +276,7 @@ base.register(
         description="the target model alone (CE on config.target.model): what the "
                     "distillation methods distill from",
         example=_EXAMPLE, build=build_target, sections=("target",),
-        validate=lambda config: base.check_fields(target_checks(config))),
+        validate=validate_target),
     *(base.Method(name=name, description=description,
                   example=_AT_EXAMPLE if uses_at(name) else _EXAMPLE,
                   build=build_hand_set, sections=("target", "distill"),

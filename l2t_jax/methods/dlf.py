@@ -33,6 +33,7 @@ import jax
 import ml_collections
 import optax
 
+from l2t_jax import config_checks as checks
 from l2t_jax import data, engine, optimizers, plots, students, teachers
 from l2t_jax.checkpoint import load_params, save_params
 from l2t_jax.errors import ConfigError
@@ -216,13 +217,20 @@ def teaching_checks(config: ml_collections.ConfigDict) -> list:
     method reads (episodes, online teaching, the teacher's update)."""
     t = config.teacher
     return teaching.teacher_update_checks(config, "teacher") + [
-        (t.restart in RESTARTS, f"config.teacher.restart must be one of {RESTARTS}"),
-        (t.num_episodes >= 0, "config.teacher.num_episodes must be >= 0"),
-        (t.episode_steps >= 1, "config.teacher.episode_steps must be >= 1"),
-        (t.pretrain_steps >= 0, "config.teacher.pretrain_steps must be >= 0"),
-        (t.online_window >= 1, "config.teacher.online_window must be >= 1"),
-        (t.dev_every >= 1, "config.teacher.dev_every must be >= 1"),
-        (t.checkpoint_every >= 1, "config.teacher.checkpoint_every must be >= 1 (episodes)"),
+        checks.one_of("config.teacher.restart", t.restart, RESTARTS),
+        checks.integer("config.teacher.num_episodes", t.num_episodes, minimum=0),
+        checks.integer("config.teacher.episode_steps", t.episode_steps),
+        checks.integer("config.teacher.pretrain_steps", t.pretrain_steps, minimum=0),
+        (checks.is_integer(t.online_window) and t.online_window >= 1,
+         f"config.teacher.online_window must be >= 1 (an integer: student steps per "
+         f"online teacher update), got {t.online_window!r}"),
+        checks.flag("config.teacher.teach_online", t.teach_online),
+        checks.flag("config.teacher.features_grad", t.features_grad),
+        checks.integer("config.teacher.feature_dev_size", t.feature_dev_size,
+                       note=" (dev examples behind the dev-error feature)"),
+        checks.integer("config.teacher.dev_every", t.dev_every),
+        checks.integer("config.teacher.checkpoint_every", t.checkpoint_every,
+                       note=" (episodes)"),
     ]
 
 
@@ -276,12 +284,12 @@ def dlf_checks(config: ml_collections.ConfigDict) -> list:
     """The ``(ok, message)`` checks of the DLF teacher's own fields."""
     t = config.teacher
     return [
-        (t.form in teachers.TEACHER_FORMS,
-         f"unknown config.teacher.form {t.form!r}; choose one of {teachers.TEACHER_FORMS}"),
-        (t.hidden >= 1, "config.teacher.hidden must be >= 1"),
-        (t.bilinear_scale > 0, "config.teacher.bilinear_scale must be > 0"),
-        (t.gate_init_scale >= 0, "config.teacher.gate_init_scale must be >= 0 (0: the "
-         "demo's init, where the state gate never opens)"),
+        checks.one_of("config.teacher.form", t.form, teachers.TEACHER_FORMS),
+        checks.integer("config.teacher.hidden", t.hidden, note=" (the mlp form's width)"),
+        checks.flag("config.teacher.combine", t.combine),
+        checks.number("config.teacher.bilinear_scale", t.bilinear_scale, above=0),
+        checks.number("config.teacher.gate_init_scale", t.gate_init_scale, at_least=0,
+                      note=" (0: the demo's init, where the state gate never opens)"),
     ]
 
 

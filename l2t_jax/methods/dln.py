@@ -62,6 +62,7 @@ import optax
 from absl import logging
 from jax.flatten_util import ravel_pytree
 
+from l2t_jax import config_checks as checks
 from l2t_jax import data, engine, optimizers, plots, students
 from l2t_jax.checkpoint import save_params
 from l2t_jax.errors import ConfigError
@@ -329,10 +330,14 @@ class DLNTeaching:
         # Stage C: the student of unroll B and the new DLN (or, rejected, the old DLN
         # and the student of unroll A), and the new memory.
         step_before = self.student(state).step
-        accepted = step_before >= self.keep_after
+        # A proposal that is not finite (its parameters or its loss surface), or under
+        # which the student's unroll is not, is never kept and counts as non-finite.
+        proposed = dln_lib.probe_dln(m.new_dln)
+        proposal_finite = teaching.all_finite(
+            (m.new_dln, proposed, m.result_b.value, m.result_b.metrics))
+        accepted = (step_before >= self.keep_after) & proposal_finite
         if self.accept in ("proper", "proper_descent"):
-            gap = dln_lib.probe_dln(m.new_dln)["corner_gap"]
-            accepted &= gap <= self.proper_tolerance
+            accepted &= proposed["corner_gap"] <= self.proper_tolerance
         if self.accept == "proper_descent":
             accepted &= m.result_b.value <= m.result_a.value
         dln, student, inner_metrics = jax.tree_util.tree_map(
@@ -347,9 +352,10 @@ class DLNTeaching:
             **meta_metrics,
             "meta/objective_stage_a": m.result_a.value,
             "meta/hypergrad_norm": jnp.linalg.norm(m.hypergrad),
-            # Either gradient non-finite counts (the driver may stop on it).
-            "meta/nonfinite": jnp.maximum(meta_metrics["meta/nonfinite"],
-                                          1.0 - m.hypergrad_finite.astype(jnp.float32)),
+            # Either gradient or the proposal non-finite counts.
+            "meta/nonfinite": jnp.maximum(
+                meta_metrics["meta/nonfinite"],
+                1.0 - (m.hypergrad_finite & proposal_finite).astype(jnp.float32)),
             "teacher/update_norm": jnp.linalg.norm(new_flat - flat_phi),
             "teacher/mean_abs_step": jnp.mean(jnp.abs(m.steps)),
             "dln/accepted": accepted.astype(jnp.float32),
@@ -386,27 +392,47 @@ class DLNTeaching:
 
 
 def dln_checks(config: ml_collections.ConfigDict) -> list:
-    """The ``(ok, message)`` checks of the ``dln`` section."""
+    """The ``(ok, message)`` checks of the ``dln`` section and the batch sizes it draws.
+
+    Reads the split sizes of ``config.data`` and ``config.train.batch_size``, both
+    already checked (`l2t_jax.train.validate_config` checks them before the method).
+    """
     d = config.dln
-    unroll = d.unroll_steps
+    # The fixed protocol validates on the teachers' dev split; the redraw protocol trains
+    # on one half of the train split and validates on the other.
+    sizes = data.split_sizes(config.data)
+    redraw = d.protocol == "redraw"
+    half = sizes["train"] // 2
+    batch_size = config.train.batch_size
     return [
-        (d.init in DLN_INITS, f"config.dln.init must be one of {DLN_INITS}"),
-        (d.protocol in PROTOCOLS, f"config.dln.protocol must be one of {PROTOCOLS}"),
-        (d.accept in ACCEPT_RULES, f"config.dln.accept must be one of {ACCEPT_RULES}"),
-        (d.proper_tolerance >= 0, "config.dln.proper_tolerance must be >= 0"),
-        (d.keep_after >= 0, "config.dln.keep_after must be >= 0 (student steps)"),
+        (not redraw or batch_size <= half,
+         f"config.train.batch_size must be <= {half} with config.dln.protocol='redraw' "
+         f"(half the train split trains), got {batch_size}"),
+        checks.one_of("config.dln.init", d.init, DLN_INITS),
+        checks.one_of("config.dln.protocol", d.protocol, PROTOCOLS),
+        checks.one_of("config.dln.accept", d.accept, ACCEPT_RULES),
+        checks.number("config.dln.proper_tolerance", d.proper_tolerance, at_least=0),
+        checks.integer("config.dln.keep_after", d.keep_after, minimum=0,
+                       note=" (student steps)"),
         *teaching.teacher_update_checks(config, "dln"),
-        (d.hidden >= 1 and d.depth >= 1, "config.dln.hidden and config.dln.depth must be >= 1"),
-        (d.teacher_hidden >= 1 and d.teacher_cells >= 2,
-         "config.dln.teacher_hidden must be >= 1 and config.dln.teacher_cells >= 2"),
-        (isinstance(unroll, int) and unroll >= 1, "config.dln.unroll_steps must be an int >= 1"),
-        (d.val_batch_size >= 1, "config.dln.val_batch_size must be >= 1"),
-        (d.step_size > 0, "config.dln.step_size must be > 0"),
-        (d.warm_steps >= 1, "config.dln.warm_steps must be >= 1"),
-        (d.warm_target in dln_lib.WARM_TARGETS,
-         f"config.dln.warm_target must be one of {dln_lib.WARM_TARGETS}"),
-        (d.redraw_every >= 1, "config.dln.redraw_every must be >= 1 (iterations)"),
-        (d.num_snapshots >= 2, "config.dln.num_snapshots must be >= 2"),
+        checks.integer("config.dln.hidden", d.hidden),
+        checks.integer("config.dln.depth", d.depth),
+        checks.integer("config.dln.teacher_hidden", d.teacher_hidden),
+        checks.integer("config.dln.teacher_cells", d.teacher_cells, minimum=2),
+        checks.flag("config.dln.student_features", d.student_features),
+        checks.flag("config.dln.preserve_scale", d.preserve_scale),
+        checks.integer("config.dln.unroll_steps", d.unroll_steps),
+        checks.integer("config.dln.val_batch_size", d.val_batch_size,
+                       maximum=sizes["train"] - half if redraw else sizes["meta_dev"],
+                       note=" (half the train split validates)" if redraw else
+                       " (the teachers' dev split: config.data.dev_size, or meta_dev_size)"),
+        checks.number("config.dln.step_size", d.step_size, above=0),
+        checks.integer("config.dln.warm_steps", d.warm_steps),
+        checks.one_of("config.dln.warm_target", d.warm_target, dln_lib.WARM_TARGETS),
+        checks.number("config.dln.warm_sharpness", d.warm_sharpness, above=0,
+                      note=" (k of the soft margin)"),
+        checks.integer("config.dln.redraw_every", d.redraw_every, note=" (iterations)"),
+        checks.integer("config.dln.num_snapshots", d.num_snapshots, minimum=2),
     ]
 
 

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from l2t_jax import config_checks as checks
 from l2t_jax import teachers
 from l2t_jax.losses.distill import online_ensemble_loss
 from l2t_jax.methods import base, dlf, teaching
@@ -106,22 +107,26 @@ def build_taught(config, splits, rng) -> base.Plan:
 def one_checks(config: ml_collections.ConfigDict) -> list:
     """The ``(ok, message)`` checks of ``config.one`` and the multi-branch student."""
     o = config.one
-    low, high = o.kl_weight_range
-    t_low, t_high = o.temperature_range
     branches = config.student.get("branches", 1)
-    return [
-        (isinstance(branches, int) and branches >= 2,
+    rows = [
+        (checks.is_integer(branches) and branches >= 2,
          f"{config.method} trains a multi-branch student: set config.student.branches "
          f">= 2 (ONE's default 3; the base network is branches=1 under method ce)"),
-        (o.temperature > 0, "config.one.temperature must be > 0"),
-        (o.ramp_steps >= 1, "config.one.ramp_steps must be >= 1 (ONE: 80 of 300 epochs)"),
-        (o.ramp_max > 0, "config.one.ramp_max must be > 0 (ONE: 1)"),
-        (low < o.kl_weight < high,
-         f"config.one.kl_weight must be inside config.one.kl_weight_range {(low, high)}"),
-        (not o.learn_temperature or t_low < o.temperature < t_high,
-         f"config.one.temperature must be inside config.one.temperature_range "
-         f"{(t_low, t_high)} when learn_temperature"),
+        checks.number("config.one.temperature", o.temperature, above=0),
+        (checks.is_integer(o.ramp_steps) and o.ramp_steps >= 1,
+         f"config.one.ramp_steps must be >= 1 (an integer; ONE: 80 of 300 epochs), got "
+         f"{o.ramp_steps!r}"),
+        checks.number("config.one.ramp_max", o.ramp_max, above=0, note=" (ONE: 1)"),
+        checks.interval("config.one.kl_weight_range", o.kl_weight_range, at_least=0),
+        checks.inside("config.one.kl_weight", o.kl_weight, "config.one.kl_weight_range",
+                      o.kl_weight_range),
+        checks.flag("config.one.learn_temperature", o.learn_temperature),
+        checks.interval("config.one.temperature_range", o.temperature_range, at_least=0),
     ]
+    if o.learn_temperature:
+        rows.append(checks.inside("config.one.temperature", o.temperature,
+                                  "config.one.temperature_range", o.temperature_range))
+    return rows
 
 
 def validate_taught(config: ml_collections.ConfigDict) -> None:

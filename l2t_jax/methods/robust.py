@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import ml_collections
 
+from l2t_jax import config_checks as checks
 from l2t_jax import teachers
 from l2t_jax.losses import output_loss
 from l2t_jax.losses.robust import generalized_cross_entropy, symmetric_cross_entropy
@@ -23,8 +24,8 @@ from l2t_jax.methods import base, dlf, teaching
 
 def gce_checks(config: ml_collections.ConfigDict) -> list:
     """``config.gce.q`` lies in (0, 1)."""
-    return [(0 < config.gce.q < 1, "config.gce.q must be in (0, 1) (1 is MAE, "
-             "q -> 0 is cross-entropy)")]
+    return [checks.number("config.gce.q", config.gce.q, above=0, below=1,
+                          note=" (1 is MAE, q -> 0 is cross-entropy)")]
 
 
 def _gce_family(weights, output, batch):
@@ -75,9 +76,13 @@ def validate_l2t_gce(config) -> None:
 
 def validate_sce(config) -> None:
     s = config.sce
-    base.check_fields([(s.alpha >= 0 and s.beta >= 0 and s.alpha + s.beta > 0,
-                        "config.sce.alpha and config.sce.beta must be >= 0, not both 0"),
-                       (s.log_zero < 0, "config.sce.log_zero must be < 0 (the paper's -4)")])
+    base.check_fields([
+        checks.number("config.sce.alpha", s.alpha, at_least=0),
+        checks.number("config.sce.beta", s.beta, at_least=0),
+        (s.alpha != 0 or s.beta != 0,
+         "config.sce.alpha and config.sce.beta must not both be 0"),
+        checks.number("config.sce.log_zero", s.log_zero, below=0, note=" (the paper's -4)"),
+    ])
 
 
 base.register(

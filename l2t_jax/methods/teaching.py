@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from l2t_jax import config_checks as checks
 from l2t_jax import data, engine, mesh, objectives, optimizers, students
 from l2t_jax.errors import ConfigError
 from l2t_jax.losses import cross_entropy_loss
@@ -31,6 +32,12 @@ PyTree = Any
 # Builds the step's stats update from the dev arrays of a call, or None.
 StatsBuilder = Callable[[jax.Array, jax.Array], engine.StatsFn]
 NONFINITE_POLICIES = ("skip", "raise")
+
+
+def all_finite(tree: PyTree) -> jax.Array:
+    """Whether every element of every leaf of `tree` is finite (a boolean scalar)."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jax.numpy.all(jax.numpy.stack([jax.numpy.isfinite(x).all() for x in leaves]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,12 +85,12 @@ class TeacherUpdate:
 
         Returns:
             ``(teacher, opt_state, metrics)``; the update is skipped (both unchanged)
-            when the gradient or the objective is not finite.
+            when the gradient, the objective or the updated parameters are not finite
+            (an overflowing learning rate turns a finite gradient into infinite ones).
         """
-        leaves = jax.tree_util.tree_leaves(result.grad) + [result.value]
-        finite = jax.numpy.all(jax.numpy.stack([jax.numpy.isfinite(x).all() for x in leaves]))
         updates, new_opt_state = self.tx.update(result.grad, opt_state, teacher)
         new_teacher = optax.apply_updates(teacher, updates)
+        finite = all_finite((result.grad, result.value, new_teacher))
 
         def keep_if_finite(new, old):
             return jax.tree_util.tree_map(lambda n, o: jax.numpy.where(finite, n, o), new, old)
@@ -93,6 +100,9 @@ class TeacherUpdate:
             "meta/grad_norm": optax.tree.norm(result.grad),
             "meta/nonfinite": 1.0 - finite.astype(np.float32),
             "meta/dev_error": 100.0 * jax.numpy.mean(result.aux["dev_error"]),
+            # Of the teacher the update started from (the first logged is the initial
+            # one): the driver stops a run whose teacher explodes (`train.check_health`).
+            "meta/teacher_norm": optax.tree.norm(teacher),
         }
         return (keep_if_finite(new_teacher, teacher), keep_if_finite(new_opt_state, opt_state),
                 metrics)
@@ -446,15 +456,16 @@ def teacher_update(config: ml_collections.ConfigDict, section: str) -> TeacherUp
 def teacher_update_checks(config: ml_collections.ConfigDict, section: str) -> list:
     """The ``(ok, message)`` checks of the fields `teacher_update` reads."""
     t = config[section]
+    path = f"config.{section}."
     return [
-        (t.objective in objectives.DEV_OBJECTIVES,
-         f"config.{section}.objective must be one of {objectives.DEV_OBJECTIVES}"),
-        (t.on_nonfinite in NONFINITE_POLICIES,
-         f"config.{section}.on_nonfinite must be one of {NONFINITE_POLICIES}"),
-        (t.get("optimizer", "adam") in optimizers.TEACHER_OPTIMIZER_NAMES,
-         f"config.{section}.optimizer must be one of {optimizers.TEACHER_OPTIMIZER_NAMES}"),
-        (t.learning_rate > 0, f"config.{section}.learning_rate must be > 0"),
-        (t.clip_norm >= 0, f"config.{section}.clip_norm must be >= 0 (0: no clipping)"),
+        checks.one_of(path + "objective", t.objective, objectives.DEV_OBJECTIVES),
+        checks.number(path + "sharpness", t.sharpness, above=0,
+                      note=" (k of the smoothed dev error)"),
+        checks.one_of(path + "on_nonfinite", t.on_nonfinite, NONFINITE_POLICIES),
+        checks.one_of(path + "optimizer", t.get("optimizer", "adam"),
+                      optimizers.TEACHER_OPTIMIZER_NAMES),
+        checks.number(path + "learning_rate", t.learning_rate, above=0),
+        checks.number(path + "clip_norm", t.clip_norm, at_least=0, note=" (0: no clipping)"),
     ]
 
 
@@ -463,9 +474,7 @@ def validate_population_size(config: ml_collections.ConfigDict, section: str,
     """Checks ``config.<section>.population_size`` (an int >= 1; > 1 only where used)
     and that the population and batch split over ``config.mesh``."""
     size = config[section].get("population_size", 1)
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ConfigError(f"config.{section}.population_size must be an integer >= 1, got "
-                          f"{size!r}")
+    base.check_fields([checks.integer(f"config.{section}.population_size", size)])
     if size > 1 and not trains_population:
         raise ConfigError(f"config.{section}.population_size > 1 applies to {what} only; "
                           "set it to 1 here")

@@ -32,11 +32,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from l2t_jax import config_checks
 from l2t_jax.errors import ConfigError
 from l2t_jax.students import branched, cheap, cnn1d, lenet, mlp, resnet, wrn
 from l2t_jax.students.branched import views
 
-_BUILDERS: dict[str, Callable[[ml_collections.ConfigDict, int, Any], nn.Module]] = {
+# name -> build(config, num_classes, dtype, section) (section: the config's path).
+_BUILDERS: dict[str, Callable[[ml_collections.ConfigDict, int, Any, str], nn.Module]] = {
     "mlp": mlp.build,
     "lenet5": lenet.build,
     "resnet_he": resnet.build_he,
@@ -52,7 +54,8 @@ BRANCHED_STUDENTS = (*_CHEAP_BLOCK_STUDENTS, "cnn1d")
 _DTYPES = {"float32": jnp.float32, "float64": jnp.float64}
 
 
-def build_student(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+def build_student(config: ml_collections.ConfigDict, num_classes: int,
+                  section: str = "config.student") -> nn.Module:
     """Builds the student network that `config` names.
 
     Args:
@@ -68,6 +71,7 @@ def build_student(config: ml_collections.ConfigDict, num_classes: int) -> nn.Mod
         `branches` (default 1): m > 1 copies the last stage into m branches with a
         gated ensemble (`branched.Branched`; one of `BRANCHED_STUDENTS`).
       num_classes: number of logits.
+      section: the config's path, which messages name (e.g. ``"config.target.model"``).
 
     Returns:
       An unbound Flax module with `__call__(x, train=False) -> logits`.
@@ -80,31 +84,29 @@ def build_student(config: ml_collections.ConfigDict, num_classes: int) -> nn.Mod
     name = config.get("name")
     if name not in _BUILDERS:
         raise ConfigError(
-            f"unknown student {name!r} (config.student.name); "
+            f"unknown student {name!r} ({section}.name); "
             f"choose one of: {', '.join(STUDENT_NAMES)}"
         )
     dtype = config.get("dtype", "float32")
     if dtype not in _DTYPES:
         raise ConfigError(
-            f"unknown student dtype {dtype!r} (config.student.dtype); "
+            f"unknown student dtype {dtype!r} ({section}.dtype); "
             f"choose one of: {', '.join(_DTYPES)}"
         )
     conv = config.get("conv", cheap.PLAIN)
     if name not in _CHEAP_BLOCK_STUDENTS and conv != cheap.PLAIN:
         raise ConfigError(
-            f"student {name!r} has no residual blocks for config.student.conv={conv!r}; "
+            f"student {name!r} has no residual blocks for {section}.conv={conv!r}; "
             f"use one of {', '.join(_CHEAP_BLOCK_STUDENTS)} or conv='{cheap.PLAIN}'"
         )
-    model = _BUILDERS[name](config, num_classes, _DTYPES[dtype])
+    model = _BUILDERS[name](config, num_classes, _DTYPES[dtype], section)
     num_branches = config.get("branches", 1)
-    if isinstance(num_branches, bool) or not isinstance(num_branches, int) or num_branches < 1:
-        raise ConfigError(f"config.student.branches must be an integer >= 1, got "
-                          f"{num_branches!r}")
+    config_checks.check_fields([config_checks.integer(f"{section}.branches", num_branches)])
     if num_branches == 1:
         return model
     if name not in BRANCHED_STUDENTS:
         raise ConfigError(
-            f"student {name!r} has no stages to copy into config.student.branches="
+            f"student {name!r} has no stages to copy into {section}.branches="
             f"{num_branches} branches; use one of {', '.join(BRANCHED_STUDENTS)}")
     return branched.Branched(model.clone(part="trunk"), model.clone(part="tail"),
                              num_branches, dtype=_DTYPES[dtype])

@@ -139,12 +139,13 @@ def _parse(conv: str) -> ConvSpec | None:
     return None
 
 
-def parse(conv: Any) -> ConvSpec:
+def parse(conv: Any, field: str = "config.student.conv") -> ConvSpec:
     """Parses a `config.student.conv` string.
 
     Args:
       conv: a canonical string (see the module docstring) or a Moonshine class name,
         in any case.
+      field: the config field it came from, for the message.
 
     Returns:
       The spec; `spec.name` is the canonical string.
@@ -155,14 +156,15 @@ def parse(conv: Any) -> ConvSpec:
     spec = _parse(conv) if isinstance(conv, str) else None
     if spec is None:
         raise ConfigError(
-            f"unknown student conv {conv!r} (config.student.conv); choose one of: "
+            f"unknown student conv {conv!r} ({field}); choose one of: "
             f"{VALID_FORMS}"
         )
     return spec
 
 
 def check_fits(
-    conv: str, student: str, in_out_channels: Iterable[tuple[int, int]]
+    conv: str, student: str, in_out_channels: Iterable[tuple[int, int]],
+    field: str = "config.student.conv",
 ) -> None:
     """Checks that a cheap convolution divides every replaced convolution's channels.
 
@@ -170,6 +172,7 @@ def check_fits(
       conv: a valid `config.student.conv` string.
       student: the student's name, for the message.
       in_out_channels: (input, output) channels of every 3x3 convolution it replaces.
+      field: the config field `conv` came from, for the message.
 
     Raises:
       ConfigError: if a bottleneck width or a group count does not come out whole.
@@ -191,7 +194,7 @@ def check_fits(
             problem = f"its {width}-channel 3x3 convolution does not split into {split}"
         if problem is not None:
             raise ConfigError(
-                f"student conv {spec.name!r} (config.student.conv) does not fit "
+                f"student conv {spec.name!r} ({field}) does not fit "
                 f"{student}: {problem}; choose a smaller N or M, or a wider student"
             )
 
@@ -259,13 +262,15 @@ def conv3x3(
     return CheapConv(features, strides, conv, dtype)
 
 
-def from_config(config: Any, student: str, in_out_channels: Iterable[tuple[int, int]]) -> str:
+def from_config(config: Any, student: str, in_out_channels: Iterable[tuple[int, int]],
+                section: str = "config.student") -> str:
     """Reads, validates and canonicalises `config.student.conv` (default "conv").
 
     Args:
       config: the student config.
       student: the student's name, for messages.
       in_out_channels: (input, output) channels of every 3x3 convolution it replaces.
+      section: the config's path, for messages.
 
     Returns:
       The canonical conv string.
@@ -273,8 +278,9 @@ def from_config(config: Any, student: str, in_out_channels: Iterable[tuple[int, 
     Raises:
       ConfigError: on an unknown string or one that does not fit the student's widths.
     """
-    name = parse(config.get("conv", PLAIN)).name
-    check_fits(name, student, in_out_channels)
+    field = f"{section}.conv"
+    name = parse(config.get("conv", PLAIN), field).name
+    check_fits(name, student, in_out_channels, field)
     return name
 
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from l2t_jax import config_checks
 from l2t_jax.students import branched
 from l2t_jax.students._layers import Conv
 
@@ -63,17 +64,22 @@ class CNN1D(nn.Module):
         return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.dtype)(x)
 
 
-def build(config: ml_collections.ConfigDict, num_classes: int, dtype: Any) -> CNN1D:
+def build(config: ml_collections.ConfigDict, num_classes: int, dtype: Any,
+          section: str) -> CNN1D:
     """Builds a `CNN1D` with `config.channels` filters (default 25).
 
     Args:
       config: student config.
       num_classes: number of logits.
       dtype: parameter and computation dtype.
+      section: the config's path, for messages (``"config.student"``).
 
     Returns:
       The module.
+
+    Raises:
+      ConfigError: on a channel count below 1.
     """
-    return CNN1D(
-        num_classes=num_classes, channels=int(config.get("channels", 25)), dtype=dtype
-    )
+    channels = config.get("channels", 25)
+    config_checks.check_fields([config_checks.integer(f"{section}.channels", channels)])
+    return CNN1D(num_classes=num_classes, channels=channels, dtype=dtype)

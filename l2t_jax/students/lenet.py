@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from l2t_jax import config_checks
 from l2t_jax.students._layers import Conv, as_images, batch_norm
 
 
@@ -65,20 +66,29 @@ class LeNet5(nn.Module):
         return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.dtype)(x)
 
 
-def build(config: ml_collections.ConfigDict, num_classes: int, dtype: Any) -> LeNet5:
+def build(config: ml_collections.ConfigDict, num_classes: int, dtype: Any,
+          section: str) -> LeNet5:
     """Builds a `LeNet5` from `config.fc_hidden` and `config.batch_norm`.
 
     Args:
       config: student config.
       num_classes: number of logits.
       dtype: parameter and computation dtype.
+      section: the config's path, for messages (``"config.student"``).
 
     Returns:
       The module.
+
+    Raises:
+      ConfigError: on a bad width or a batch_norm that is not a bool.
     """
+    fc_hidden = config.get("fc_hidden", (500,))
+    batch_norm = config.get("batch_norm", False)
+    config_checks.check_fields([config_checks.sizes(f"{section}.fc_hidden", fc_hidden),
+                                config_checks.flag(f"{section}.batch_norm", batch_norm)])
     return LeNet5(
         num_classes=num_classes,
-        fc_hidden=tuple(int(w) for w in config.get("fc_hidden", (500,))),
-        use_batch_norm=bool(config.get("batch_norm", False)),
+        fc_hidden=tuple(fc_hidden),
+        use_batch_norm=batch_norm,
         dtype=dtype,
     )

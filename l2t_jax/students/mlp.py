@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from l2t_jax import config_checks
 from l2t_jax.errors import ConfigError
 
 ACTIVATIONS = {"relu": nn.relu, "tanh": jnp.tanh, "gelu": nn.gelu}
@@ -41,27 +42,30 @@ class MLP(nn.Module):
         return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.dtype)(x)
 
 
-def build(config: ml_collections.ConfigDict, num_classes: int, dtype: Any) -> MLP:
+def build(config: ml_collections.ConfigDict, num_classes: int, dtype: Any,
+          section: str) -> MLP:
     """Builds an `MLP` from `config.hidden` and `config.activation`.
 
     Args:
       config: student config.
       num_classes: number of logits.
       dtype: parameter and computation dtype.
+      section: the config's path, for messages (``"config.student"``).
 
     Returns:
       The module.
 
     Raises:
-      ConfigError: on an unknown activation.
+      ConfigError: on an unknown activation or a bad width.
     """
     activation = config.get("activation", "relu")
     if activation not in ACTIVATIONS:
         raise ConfigError(
-            f"unknown mlp activation {activation!r} (config.student.activation); "
+            f"unknown mlp activation {activation!r} ({section}.activation); "
             f"choose one of: {', '.join(ACTIVATIONS)}"
         )
-    hidden = tuple(int(w) for w in config.get("hidden", (128,)))
+    hidden = config.get("hidden", (128,))
+    config_checks.check_fields([config_checks.sizes(f"{section}.hidden", hidden)])
     return MLP(
-        num_classes=num_classes, hidden=hidden, activation=activation, dtype=dtype
+        num_classes=num_classes, hidden=tuple(hidden), activation=activation, dtype=dtype
     )

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from l2t_jax.config_checks import is_integer
 from l2t_jax.errors import ConfigError
 from l2t_jax.students import branched, cheap
 from l2t_jax.students._layers import as_images, batch_norm, conv_no_bias
@@ -126,22 +127,23 @@ class CifarResNet(nn.Module):
         return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.dtype)(x)
 
 
-def _blocks_per_stage(name: str, depth: int) -> int:
+def _blocks_per_stage(name: str, depth: Any, section: str) -> int:
     """Returns n for a ResNet-(6n+2), rejecting other depths.
 
     Args:
       name: student name, for the error message.
       depth: total number of weighted layers.
+      section: the config's path, for the error message.
 
     Returns:
       (depth - 2) // 6.
 
     Raises:
-      ConfigError: if depth is not 6n + 2 with n >= 1.
+      ConfigError: if depth is not an integer 6n + 2 with n >= 1.
     """
-    if depth < 8 or depth % 6 != 2:
+    if not is_integer(depth) or depth < 8 or depth % 6 != 2:
         raise ConfigError(
-            f"{name} depth {depth} is not 6n+2 with n >= 1 (config.student.depth); "
+            f"{name} depth {depth!r} is not 6n+2 with n >= 1 ({section}.depth); "
             "use one of 8, 20, 32, 44, 56, 110"
         )
     return (depth - 2) // 6
@@ -155,13 +157,15 @@ def _build(
     config: ml_collections.ConfigDict,
     num_classes: int,
     dtype: Any,
+    section: str,
 ) -> CifarResNet:
     """Builds a `CifarResNet` of depth `config.depth` (default 20) for one family.
 
-    Also reads `config.conv` (default "conv"); raises `ConfigError` on a bad one.
+    Also reads `config.conv` (default "conv"); raises `ConfigError` on a bad one, naming
+    the config's path `section`.
     """
-    depth = int(config.get("depth", 20))
-    blocks_per_stage = _blocks_per_stage(name, depth)
+    depth = config.get("depth", 20)
+    blocks_per_stage = _blocks_per_stage(name, depth, section)
     conv = cheap.from_config(
         config,
         f"{name}-{depth}",
@@ -169,6 +173,7 @@ def _build(
         # width to its own, every second conv and every later block keep it.
         [(c_in, c_out) for c_in, c_out in zip((widths[0], *widths), widths)]
         + [(c_out, c_out) for c_out in widths],
+        section,
     )
     return CifarResNet(
         num_classes=num_classes,
@@ -182,7 +187,7 @@ def _build(
 
 
 def build_he(
-    config: ml_collections.ConfigDict, num_classes: int, dtype: Any
+    config: ml_collections.ConfigDict, num_classes: int, dtype: Any, section: str
 ) -> CifarResNet:
     """Builds He et al.'s CIFAR ResNet of depth `config.depth` (default 20).
 
@@ -191,6 +196,7 @@ def build_he(
         convolutions; see `cheap` for the others).
       num_classes: number of logits.
       dtype: parameter and computation dtype.
+      section: the config's path, for messages (``"config.student"``).
 
     Returns:
       The module.
@@ -199,11 +205,12 @@ def build_he(
       ConfigError: on a depth that is not 6n + 2, or a conv string that is unknown or
         does not divide the widths.
     """
-    return _build("resnet_he", (16, 32, 64), False, None, config, num_classes, dtype)
+    return _build("resnet_he", (16, 32, 64), False, None, config, num_classes, dtype,
+                  section)
 
 
 def build_wide(
-    config: ml_collections.ConfigDict, num_classes: int, dtype: Any
+    config: ml_collections.ConfigDict, num_classes: int, dtype: Any, section: str
 ) -> CifarResNet:
     """Builds the L2T-DLN wide CIFAR ResNet of depth `config.depth` (default 20).
 
@@ -212,6 +219,7 @@ def build_wide(
         convolutions; see `cheap` for the others).
       num_classes: number of logits.
       dtype: parameter and computation dtype.
+      section: the config's path, for messages (``"config.student"``).
 
     Returns:
       The module.
@@ -220,4 +228,5 @@ def build_wide(
       ConfigError: on a depth that is not 6n + 2, or a conv string that is unknown or
         does not divide the widths.
     """
-    return _build("resnet_wide", (64, 128, 256), True, 4, config, num_classes, dtype)
+    return _build("resnet_wide", (64, 128, 256), True, 4, config, num_classes, dtype,
+                  section)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from l2t_jax.config_checks import is_integer, is_number
 from l2t_jax.errors import ConfigError
 from l2t_jax.students import branched, cheap
 from l2t_jax.students._layers import as_images, batch_norm, conv_no_bias
@@ -112,7 +113,7 @@ class WideResNet(nn.Module):
 
 
 def build(
-    config: ml_collections.ConfigDict, num_classes: int, dtype: Any
+    config: ml_collections.ConfigDict, num_classes: int, dtype: Any, section: str
 ) -> WideResNet:
     """Builds WRN-`config.depth`-`config.widen_factor` (defaults 16 and 1).
 
@@ -121,6 +122,7 @@ def build(
         (default "conv": plain 3x3 convolutions; see `cheap` for the others).
       num_classes: number of logits.
       dtype: parameter and computation dtype.
+      section: the config's path, for messages (``"config.student"``).
 
     Returns:
       The module.
@@ -130,23 +132,23 @@ def build(
         rate outside [0, 1), or a conv string that is unknown or does not divide the
         widths.
     """
-    depth = int(config.get("depth", 16))
-    widen_factor = int(config.get("widen_factor", 1))
-    dropout_rate = float(config.get("dropout_rate", 0.0))
-    if depth < 10 or (depth - 4) % 6 != 0:
+    depth = config.get("depth", 16)
+    widen_factor = config.get("widen_factor", 1)
+    dropout_rate = config.get("dropout_rate", 0.0)
+    if not is_integer(depth) or depth < 10 or (depth - 4) % 6 != 0:
         raise ConfigError(
-            f"wrn depth {depth} is not 6n+4 with n >= 1 (config.student.depth); "
+            f"wrn depth {depth!r} is not 6n+4 with n >= 1 ({section}.depth); "
             "use e.g. 10, 16, 22, 28 or 40"
         )
-    if widen_factor < 1:
+    if not is_integer(widen_factor) or widen_factor < 1:
         raise ConfigError(
-            f"wrn widen_factor {widen_factor} < 1 (config.student.widen_factor); "
-            "use 1 or more"
+            f"wrn widen_factor {widen_factor!r} < 1 ({section}.widen_factor); "
+            "use an integer, 1 or more"
         )
-    if not 0.0 <= dropout_rate < 1.0:
+    if not is_number(dropout_rate) or not 0.0 <= dropout_rate < 1.0:
         raise ConfigError(
-            f"wrn dropout_rate {dropout_rate} is outside [0, 1) "
-            "(config.student.dropout_rate); use e.g. 0.0 or 0.3"
+            f"wrn dropout_rate {dropout_rate!r} is outside [0, 1) "
+            f"({section}.dropout_rate); use e.g. 0.0 or 0.3"
         )
     widths = [16] + [w * widen_factor for w in (16, 32, 64)]
     conv = cheap.from_config(
@@ -156,6 +158,7 @@ def build(
         # and every later block keep the stage's width.
         [(c_in, c_out) for c_in, c_out in zip(widths, widths[1:])]
         + [(c_out, c_out) for c_out in widths[1:]],
+        section,
     )
     return WideResNet(
         num_classes=num_classes,

@@ -1,0 +1,105 @@
+"""A run's directory knows the config that made it, and refuses to answer for another.
+
+`check` runs before anything is written into a workdir: a directory that already holds a
+run (its ``config.json``) may only be resumed by the same config, so that a finished or
+half-done run never silently reports its numbers under different settings. `record`
+writes the config once the run is about to start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+from absl import logging
+from flax import traverse_util
+
+from l2t_jax.errors import ConfigError
+
+# The config a run writes into its workdir, beside its checkpoints.
+CONFIG_FILE = "config.json"
+# Fields that change how often a run saves, or when a diverging run stops, never what a
+# finished run computes.
+NEUTRAL_FIELDS = ("train.checkpoint_every", "train.max_growth", "train.max_cross_entropy")
+_SHOWN = 4  # differing fields named in the error
+
+
+def config_differences(recorded: dict, config: dict) -> list[str]:
+    """The dotted fields in which two configs (as JSON dicts) differ, sorted.
+
+    Fields present in only one of them count; `NEUTRAL_FIELDS` do not.
+    """
+    old = traverse_util.flatten_dict(recorded, sep=".")
+    new = traverse_util.flatten_dict(config, sep=".")
+    return sorted(k for k in old.keys() | new.keys()
+                  if k not in NEUTRAL_FIELDS and old.get(k, "<absent>") != new.get(k, "<absent>"))
+
+
+def _describe(recorded: dict, config: dict, fields: list[str]) -> str:
+    old = traverse_util.flatten_dict(recorded, sep=".")
+    new = traverse_util.flatten_dict(config, sep=".")
+    shown = ", ".join(f"config.{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
+                      for k in fields[:_SHOWN])
+    more = len(fields) - _SHOWN
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+def check(workdir: str, config: ml_collections.ConfigDict, allow_change: bool = False) -> None:
+    """Checks that `workdir` may hold a run of `config`; writes nothing.
+
+    Args:
+        workdir: the run's directory (need not exist).
+        config: the run's config.
+        allow_change: continue a run recorded with another config on purpose (the
+            differing fields are logged; `record` then records the new config).
+
+    Raises:
+        ConfigError: `workdir` is not a directory, or holds a run of another config (the
+            message names the differing fields).
+    """
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir {workdir} is a file, not a directory; "
+                          "choose a directory")
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            recorded = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} is unreadable ({e}); restore it, or use a new "
+                          "--workdir") from None
+    ours = _as_json(config)
+    fields = config_differences(recorded, ours)
+    if fields and not allow_change:
+        raise ConfigError(
+            f"{workdir} holds a run of another config ({_describe(recorded, ours, fields)}); "
+            "use a new --workdir, or pass --allow_config_change to continue that run "
+            "with this config")
+    if fields:
+        logging.warning("continuing the run in %s with a changed config: %s", workdir,
+                        _describe(recorded, ours, fields))
+
+
+def record(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Writes `config` as the config of the run in `workdir` (created if missing)."""
+    os.makedirs(workdir, exist_ok=True)
+    _write_atomically(os.path.join(workdir, CONFIG_FILE), json.dumps(_as_json(config), indent=2))
+
+
+def _as_json(config: ml_collections.ConfigDict) -> dict:
+    """The config as plain JSON values (tuples become lists), as the file holds it."""
+    return json.loads(config.to_json_best_effort())
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """Writes `text` to `path` through a temporary file, so `path` is never half-written."""
+    temporary = path + ".tmp"
+    try:
+        with open(temporary, "w") as f:
+            f.write(text)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
