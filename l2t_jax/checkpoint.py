@@ -28,10 +28,11 @@ from l2t_jax.errors import ConfigError
 
 # Where damaged checkpoints go, beside the checkpoint directory (kept, not deleted).
 DAMAGED_DIR = "damaged_checkpoints"
+# The two orbax items of a checkpoint.
 STATE_ITEM = "default"
+RECORDS_ITEM = "records"
 # Free space kept beyond twice a checkpoint's size (metrics and events are written too).
 _SPACE_MARGIN = 1 << 20
-RECORDS_ITEM = "records"
 # Orbax's per-step metadata file; it names the items the step was saved with.
 _STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
 

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from absl import logging
 from tensorboardX import SummaryWriter
 
+from l2t_jax import workdir as run_workdir
+
 # A diverged step's non-finite values are written on purpose (the driver then stops with
 # its own one-line error); tensorboardX would warn about each.
 std_logging.getLogger("tensorboardX.x2num").setLevel(std_logging.ERROR)
@@ -40,7 +42,8 @@ class MetricWriter:
         """
         self.path = os.path.join(workdir, METRICS_FILE)
         self.records = self._resumed_records(resume_step, records) if resume_step else []
-        _write_atomically(self.path, self.records)
+        run_workdir.write_atomically(self.path,
+                                     "".join(json.dumps(r) + "\n" for r in self.records))
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
@@ -138,16 +141,6 @@ def _line_numbers(numbers: list[int], shown: int = 10) -> str:
 def _canonical(records: list[dict]) -> str:
     """Records as comparable text (NaN != NaN, but their JSON is equal)."""
     return json.dumps(records, sort_keys=True)
-
-
-def _write_atomically(path: str, records: list[dict]) -> None:
-    """Replaces the file with `records`: a crash leaves either the old or the new file."""
-    temporary = path + ".tmp"
-    with open(temporary, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
 
 
 class Progress:

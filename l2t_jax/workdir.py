@@ -3,7 +3,8 @@
 `check` runs before anything is written into a workdir: a directory that already holds a
 run (its ``config.json``) may only be resumed by the same config, so that a finished or
 half-done run never silently reports its numbers under different settings. `record`
-writes the config once the run is about to start.
+writes the config once the run is about to start. `write_atomically` replaces a run's
+file (its config, its metrics) so that a crash never leaves it half-written.
 """
 
 from __future__ import annotations
@@ -25,20 +26,17 @@ NEUTRAL_FIELDS = ("train.checkpoint_every", "train.max_growth", "train.max_cross
 _SHOWN = 4  # differing fields named in the error
 
 
-def config_differences(recorded: dict, config: dict) -> list[str]:
-    """The dotted fields in which two configs (as JSON dicts) differ, sorted.
+def _differences(old: dict, new: dict) -> list[str]:
+    """The fields in which two flattened configs differ, sorted.
 
     Fields present in only one of them count; `NEUTRAL_FIELDS` do not.
     """
-    old = traverse_util.flatten_dict(recorded, sep=".")
-    new = traverse_util.flatten_dict(config, sep=".")
     return sorted(k for k in old.keys() | new.keys()
                   if k not in NEUTRAL_FIELDS and old.get(k, "<absent>") != new.get(k, "<absent>"))
 
 
-def _describe(recorded: dict, config: dict, fields: list[str]) -> str:
-    old = traverse_util.flatten_dict(recorded, sep=".")
-    new = traverse_util.flatten_dict(config, sep=".")
+def _describe(old: dict, new: dict, fields: list[str]) -> str:
+    """``config.a.b: old -> new, ...`` for the first `_SHOWN` of `fields`."""
     shown = ", ".join(f"config.{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
                       for k in fields[:_SHOWN])
     more = len(fields) - _SHOWN
@@ -70,22 +68,23 @@ def check(workdir: str, config: ml_collections.ConfigDict, allow_change: bool = 
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path} is unreadable ({e}); restore it, or use a new "
                           "--workdir") from None
-    ours = _as_json(config)
-    fields = config_differences(recorded, ours)
+    old = traverse_util.flatten_dict(recorded, sep=".")
+    new = traverse_util.flatten_dict(_as_json(config), sep=".")
+    fields = _differences(old, new)
     if fields and not allow_change:
         raise ConfigError(
-            f"{workdir} holds a run of another config ({_describe(recorded, ours, fields)}); "
+            f"{workdir} holds a run of another config ({_describe(old, new, fields)}); "
             "use a new --workdir, or pass --allow_config_change to continue that run "
             "with this config")
     if fields:
         logging.warning("continuing the run in %s with a changed config: %s", workdir,
-                        _describe(recorded, ours, fields))
+                        _describe(old, new, fields))
 
 
 def record(workdir: str, config: ml_collections.ConfigDict) -> None:
     """Writes `config` as the config of the run in `workdir` (created if missing)."""
     os.makedirs(workdir, exist_ok=True)
-    _write_atomically(os.path.join(workdir, CONFIG_FILE), json.dumps(_as_json(config), indent=2))
+    write_atomically(os.path.join(workdir, CONFIG_FILE), json.dumps(_as_json(config), indent=2))
 
 
 def _as_json(config: ml_collections.ConfigDict) -> dict:
@@ -93,12 +92,18 @@ def _as_json(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
-def _write_atomically(path: str, text: str) -> None:
-    """Writes `text` to `path` through a temporary file, so `path` is never half-written."""
+def write_atomically(path: str, text: str) -> None:
+    """Replaces the file `path` with `text`: a crash leaves either the old or the new file.
+
+    The text goes to a temporary file beside `path`, synced to disk, then renamed over
+    `path`; the temporary file never outlives the call.
+    """
     temporary = path + ".tmp"
     try:
         with open(temporary, "w") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

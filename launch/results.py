@@ -254,8 +254,8 @@ def checked_configs(datasets: list[str], noises: list[str], names: list[str],
     """Every run's config of one call, checked before any runs.
 
     Returns:
-        ``(configs, overrides)``: ``{(dataset, noise, method): config}`` and the parsed
-        ``--set`` overrides.
+        ``(configs, overrides)``: ``{(dataset, noise): {method: config}}`` (one results
+        file per setting) and the parsed ``--set`` overrides.
 
     Raises:
         ConfigError: the first bad flag or config, in one line.
@@ -292,7 +292,7 @@ def checked_configs(datasets: list[str], noises: list[str], names: list[str],
                     train.validate_config(config)
                 except ConfigError as e:
                     raise ConfigError(f"{dataset} noise {noise} {method}: {e}") from None
-                configs[dataset, noise, method] = config
+                configs.setdefault((dataset, noise), {})[method] = config
     return configs, extra
 
 
@@ -346,12 +346,9 @@ def main(argv):
                                      _SEEDS.value, _SET.value)
     results_dir = os.path.join(_OUT.value, "results")
     os.makedirs(results_dir, exist_ok=True)
-    settings = {}
-    for (dataset, noise, method), config in configs.items():
-        settings.setdefault((dataset, noise), []).append((method, config))
-    for (dataset, noise), rows_of_setting in settings.items():
+    for (dataset, noise), configs_of_setting in configs.items():
         records = []
-        for method, config in rows_of_setting:
+        for method, config in configs_of_setting.items():
             summaries = [run_one(config, dataset, noise, method, s)
                          for s in range(_SEEDS.value)]
             errors = [s["test_error"] for s in summaries]
