@@ -72,6 +72,8 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.method = "ce"
     config.seed = 0
+    # A finished run's directory whose learned loss config.method=transfer trains with.
+    config.loss_from = ""
 
     config.data = ml_collections.ConfigDict(dict(
         name="digits", data_dir=ml_collections.FieldReference(None, field_type=str),

@@ -47,6 +47,9 @@ import ml_collections
 from configs import ce_baseline, l2t_dln
 
 OPTIONS = ce_baseline.OPTIONS + ("online", "long")
+# The student-state features s_t (`l2t_jax.teachers.FEATURE_NAMES`); the teacher reads
+# `teacher.features`, all of them or a subset.
+FEATURE_NAMES = ("iteration_fraction", "minibatch_error", "train_loss", "dev_error")
 # A full-length training for the online option: this many episode lengths.
 ONLINE_LENGTH = 10
 
@@ -75,6 +78,7 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
         objective="smoothed_error",  # smoothed_error (k = sharpness) | cross_entropy
         sharpness=50.0,             # k of the smoothed error
         features_grad=False,        # stop gradients through s_t, as the demo
+        features=FEATURE_NAMES,     # the features s_t the l2t-dlf teacher reads (a subset)
         feature_dev_size=512,       # dev examples behind the dev-error feature
         dev_every=10,               # refresh the dev-error feature every this many steps
         num_episodes=200,
@@ -118,7 +122,7 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
                             eval_every=100, checkpoint_every=500)
         _teach_online(config)
     if "long" in tokens:
-        schedule = l2t_dln.get_config(variant)
+        schedule = l2t_dln.get_config(variant + ",released")  # SGD 0.1, as ce-long
         config.student, config.optimizer, config.train = (
             schedule.student, schedule.optimizer, schedule.train)
         config.train.log_every = 50  # a multiple of the online window

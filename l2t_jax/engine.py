@@ -45,6 +45,9 @@ Batch = dict[str, jax.Array]
 # "x", labels "y", and the target model's `ModelOutput` as "target" when one is set),
 # `state` the student before the step (its `step` counter and running stats).
 LossFn = Callable[[PyTree, "ModelOutput", dict, "StudentState"], jax.Array]
+# loss_metrics_fn(meta_params, output, batch, state) -> {name: scalar}: what describes the
+# step's loss (e.g. the loss parameters a teacher set), with a `LossFn`'s arguments.
+LossMetricsFn = Callable[[PyTree, "ModelOutput", dict, "StudentState"], dict]
 StepFn = Callable[[PyTree, "StudentState", Batch], tuple["StudentState", dict]]
 # objective(meta_params, final_state) -> (scalar to minimise, aux)
 Objective = Callable[[PyTree, "StudentState"], tuple[jax.Array, Any]]
@@ -120,6 +123,70 @@ class StudentState:
     rng: jax.Array
     stats: PyTree = flax.struct.field(default_factory=dict)
 
+    @classmethod
+    def create(
+        cls,
+        params: PyTree,
+        rng: jax.Array,
+        *,
+        tx: optax.GradientTransformation | None = None,
+        opt_state: PyTree = None,
+        model_state: PyTree | None = None,
+        stats: PyTree | None = None,
+        step: int | jax.Array = 0,
+    ) -> StudentState:
+        """A student from given parameters (e.g. to take a meta-gradient from outside).
+
+        Floating-point `stats` take the parameters' floating dtype (float32 stats of a
+        float64 student become float64): the features a teacher reads from them are
+        as precise as the student, and so are its meta-gradients. Stats already of
+        that dtype are kept bit for bit.
+
+        Args:
+            params: the student's parameters (a Flax ``params`` collection).
+            rng: PRNG key of its augmentation and dropout.
+            tx: the inner optimizer, whose fresh state ``tx.init(params)`` the student
+                gets; give this or `opt_state`.
+            opt_state: the optimizer state to carry instead (e.g. a trained student's).
+            model_state: the other Flax collections (``{"batch_stats": ...}``);
+                default ``{}``.
+            stats: running statistics (`StudentState.stats`); default ``{}``.
+            step: inner steps already taken (int32).
+
+        Returns:
+            The student.
+
+        Raises:
+            ValueError: neither or both of `tx` and `opt_state`.
+        """
+        if (tx is None) == (opt_state is None):
+            raise ValueError("StudentState.create needs tx (for a fresh optimizer state) "
+                             "or opt_state, not both")
+        return cls(
+            params=params,
+            model_state={} if model_state is None else model_state,
+            opt_state=tx.init(params) if opt_state is None else opt_state,
+            step=jnp.asarray(step, jnp.int32),
+            rng=rng,
+            stats=_floats_like({} if stats is None else stats, params),
+        )
+
+
+def _floats_like(tree: PyTree, like: PyTree) -> PyTree:
+    """`tree` with its floating leaves cast to the floating dtype of `like`'s leaves (the
+    widest, if they mix); `tree` unchanged when `like` has none."""
+    dtypes = [jnp.result_type(leaf) for leaf in jax.tree_util.tree_leaves(like)]
+    dtypes = [d for d in dtypes if jnp.issubdtype(d, jnp.floating)]
+    if not dtypes:
+        return tree
+    target = jnp.result_type(*dtypes)
+
+    def cast(leaf):
+        leaf = jnp.asarray(leaf)
+        return leaf.astype(target) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
+
+    return jax.tree_util.tree_map(cast, tree)
+
 
 @functools.partial(jax.jit, static_argnames=("model",))
 def _init_variables(model: nn.Module, rng: jax.Array, sample_x: jax.Array) -> PyTree:
@@ -143,23 +210,17 @@ def init_student_state(
         rng: PRNG key; split into an init key and the state's own key.
         sample_x: one input batch (any batch size) fixing the input shape.
         stats: initial running statistics (see `StudentState.stats`); default ``{}``.
+            Floating ones take the parameters' dtype (`StudentState.create`).
 
     Returns:
         The student at step 0.
     """
     init_rng, state_rng = jax.random.split(rng)
     variables = _init_variables(model, init_rng, sample_x)
-    params = variables["params"]
     model_state = {k: v for k, v in variables.items()
                    if k not in ("params", ACTIVATIONS_COLLECTION)}
-    return StudentState(
-        params=params,
-        model_state=model_state,
-        opt_state=tx.init(params),
-        step=jnp.zeros((), jnp.int32),
-        rng=state_rng,
-        stats={} if stats is None else stats,
-    )
+    return StudentState.create(variables["params"], state_rng, tx=tx,
+                               model_state=model_state, stats=stats)
 
 
 def student_output(
@@ -248,6 +309,7 @@ def make_student_step(
     activations: tuple[str, ...] = (),
     target: TargetModel | None = None,
     self_target: bool = False,
+    loss_metrics_fn: LossMetricsFn | None = None,
 ) -> StepFn:
     """Builds the pure inner step of a student trained on a teacher-controlled loss.
 
@@ -268,11 +330,16 @@ def make_student_step(
             meta-gradient through the step still follows it. (A `jax.lax.stop_gradient`
             inside the loss would cut that path from the meta-gradient too.) Costs one
             more forward pass per step.
+        loss_metrics_fn: ``loss_metrics_fn(meta_params, output, batch, state)``, scalars
+            that describe the step's loss (`LossMetricsFn`: e.g. the loss parameters a
+            teacher set), computed on the loss's own arguments and reported with the
+            step's metrics under their own names (the step's own three win a clash).
 
     Returns:
         ``step(meta_params, state, batch) -> (state, metrics)`` where ``batch`` has
         ``"x"`` (B, ...) and ``"y"`` (B,), and ``metrics`` has the step's ``loss``, its
-        minibatch ``accuracy`` and ``cross_entropy`` (all measured before the update).
+        minibatch ``accuracy`` and ``cross_entropy`` (all measured before the update),
+        and those of `loss_metrics_fn`.
     """
 
     def step(meta_params, state: StudentState, batch: Batch):
@@ -291,9 +358,12 @@ def make_student_step(
                 model, params, state.model_state, x, train=True, rng=dropout_rng,
                 activations=activations,
             )
-            return loss_fn(meta_params, output, seen, state), (output.logits, model_state)
+            loss_metrics = ({} if loss_metrics_fn is None
+                            else loss_metrics_fn(meta_params, output, seen, state))
+            return (loss_fn(meta_params, output, seen, state),
+                    (output.logits, model_state, loss_metrics))
 
-        (loss, (logits, model_state)), grads = jax.value_and_grad(
+        (loss, (logits, model_state, loss_metrics)), grads = jax.value_and_grad(
             student_loss, has_aux=True
         )(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -311,6 +381,7 @@ def make_student_step(
             stats=state.stats,
         )
         metrics = {
+            **loss_metrics,
             "loss": loss,
             "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["y"]),
             # Cross-entropy is reported whatever the loss, so runs can be compared.

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from l2t_jax import engine
 from l2t_jax.errors import ConfigError
 from l2t_jax.losses.ce import mean_cross_entropy
 
@@ -38,3 +40,36 @@ def dev_objective(name: str, logits: jax.Array, labels: jax.Array,
     if name == "cross_entropy":
         return mean_cross_entropy(logits, labels)
     raise ConfigError(f"unknown config.teacher.objective {name!r}; choose one of {DEV_OBJECTIVES}")
+
+
+def dev_objective_fn(model: nn.Module, dev: dict, name: str = "smoothed_error",
+                     sharpness: float = 50.0) -> engine.Objective:
+    """The objective a teacher minimises: `dev_objective` of the trained student.
+
+    Args:
+        model: the Flax student.
+        dev: the dev arrays, ``{"x": (N, ...), "y": (N,)}``.
+        name: one of `DEV_OBJECTIVES`.
+        sharpness: k of the smoothed error.
+
+    Returns:
+        ``objective(meta_params, final_state) -> (value, {"dev_error": fraction})``
+        (`engine.Objective`), the student run in eval mode on all of `dev`; the dev
+        error (argmax, not differentiable) is reported beside the value.
+
+    Raises:
+        ConfigError: an unknown `name`.
+    """
+    if name not in DEV_OBJECTIVES:
+        raise ConfigError(
+            f"unknown config.teacher.objective {name!r}; choose one of {DEV_OBJECTIVES}")
+
+    def objective(meta_params, final: engine.StudentState):
+        del meta_params
+        logits, _ = engine.apply_student(
+            model, final.params, final.model_state, dev["x"], train=False
+        )
+        error = (logits.argmax(-1) != dev["y"]).mean()
+        return dev_objective(name, logits, dev["y"], sharpness), {"dev_error": error}
+
+    return objective

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
@@ -251,5 +253,103 @@ def plot_moonshine(records: list[dict], path: str) -> None:
         ax.legend(fontsize=8)
     fig.suptitle("Moonshine cheap-convolution students: error vs size")
     fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# Colours of the results pictures' bars, by what a row's loss is (`launch.results`).
+KIND_COLORS = {"cross-entropy": "0.55", "hand-set": "C1", "learned": "C0", "other": "C2"}
+KIND_LABELS = {"cross-entropy": "cross-entropy", "hand-set": "hand-set or frozen loss",
+               "learned": "learned loss (taught)", "other": "target model / other"}
+
+
+def _result_bars(ax, rows: list[tuple[str, dict]], kinds: dict[str, str],
+                 values: bool = False) -> None:
+    """Horizontal bars, top to bottom: a record's mean test error, +- its std, its seeds
+    as dots, coloured by `kinds` (method -> a key of `KIND_COLORS`); `values` writes the
+    mean +- std beside each bar."""
+    counts = [len(r["seeds"]) for _, r in rows]
+    usual = max(set(counts), key=counts.count)  # as the tables: the most common count
+    for i, (_, r) in enumerate(rows):
+        kind = kinds.get(r["method"], "other")
+        ax.barh(i, r["mean"], xerr=r["std"], color=KIND_COLORS[kind], alpha=0.85,
+                error_kw=dict(lw=1, capsize=2), label=KIND_LABELS[kind])
+        errors = r.get("test_error", [])
+        ax.plot(errors, [i] * len(errors), "k.", ms=2.5, alpha=0.5)
+        if values:
+            ax.annotate(f"{r['mean']:.2f} +- {r['std']:.2f}",
+                        (max([r["mean"] + r["std"], *errors]), i), fontsize=7,
+                        va="center", textcoords="offset points", xytext=(4, 0))
+    labels = [label + (f" [{len(r['seeds'])} seeds]" if len(r["seeds"]) != usual else "")
+              + (" (--set)" if r.get("overrides") else "") for label, r in rows]
+    ax.set_yticks(range(len(rows)), labels=labels, fontsize=8)
+    ax.set_ylim(len(rows) - 0.5, -0.5)  # the first row on top
+    ax.set_xlim(left=0)
+    ax.grid(axis="x", alpha=0.3)
+
+
+def _kind_legend(owner, axes, **kwargs) -> None:
+    """One legend entry per bar colour used in `axes`, drawn by `owner` (an axis or the
+    figure)."""
+    unique = {}
+    for ax in axes:
+        handles, names = ax.get_legend_handles_labels()
+        unique.update(zip(names, handles))
+    owner.legend(unique.values(), unique.keys(), fontsize=7, **kwargs)
+
+
+def plot_results(records: list[dict], path: str, title: str, kinds: dict[str, str],
+                 num_first: int = 0) -> None:
+    """Draws one results file's records (one setting: dataset x noise) as horizontal
+    bars, mean +- std test error per method with its seeds as dots, in the given order.
+
+    Args:
+        records: results records (``method``, ``seeds``, ``test_error``, ``mean``,
+            ``std``) in the order to draw them, top to bottom.
+        path: where to write the PNG.
+        title: the figure's title.
+        kinds: method -> ``"cross-entropy"``, ``"learned"``, ``"hand-set"`` or
+            ``"other"`` (the bar's colour).
+        num_first: a dashed line separates the first this many rows (the headline
+            methods) from the rest; 0: none.
+    """
+    fig, ax = plt.subplots(figsize=(8.0, 1.4 + 0.24 * len(records)))
+    _result_bars(ax, [(r["method"], r) for r in records], kinds)
+    if 0 < num_first < len(records):
+        ax.axhline(num_first - 0.5, color="k", ls="--", lw=0.8)
+    ax.set(xlabel="test error (%): bar mean +- std, dots seeds", title=title)
+    _kind_legend(ax, [ax], loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_headline(panels: list[tuple[str, list[tuple[str, dict]]]], path: str, title: str,
+                  kinds: dict[str, str], columns: int = 2) -> None:
+    """Draws the headline: one panel per setting, a bar per method (mean +- std test
+    error, seeds as dots, the values written beside the bars).
+
+    Args:
+        panels: ``[(setting title, [(bar label, record), ...]), ...]``.
+        path: where to write the PNG.
+        title: the figure's title.
+        kinds: method -> kind, as in `plot_results`.
+        columns: panels per row.
+    """
+    rows = -(-len(panels) // columns)
+    bars = max(len(bars) for _, bars in panels)
+    fig, axes = plt.subplots(rows, columns, figsize=(6.0 * columns, rows * (1.0 + 0.3 * bars)),
+                             squeeze=False)
+    for ax, (setting, bars) in zip(axes.flat, panels):
+        _result_bars(ax, bars, kinds, values=True)
+        ax.set_title(setting, fontsize=10)
+        ax.set_xlim(right=ax.get_xlim()[1] * 1.25)  # room for the values
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    _kind_legend(fig, axes.flat, loc="lower center", ncol=len(KIND_COLORS))
+    for ax in axes[-1]:
+        ax.set_xlabel("test error (%)")
+    fig.suptitle(textwrap.fill(title, 110), fontsize=10)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)

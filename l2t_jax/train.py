@@ -33,7 +33,9 @@ from l2t_jax.errors import ConfigError, DivergenceError
 from l2t_jax.methods import Schedule
 from l2t_jax.students import build_student, views
 
-SUMMARY_FILE = "summary.json"
+SUMMARY_FILE = run_workdir.SUMMARY_FILE
+# A phase's orbax checkpoints, in its directory.
+CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = run_workdir.CONFIG_FILE
 # The summary field counting teacher updates skipped as non-finite (all phases).
 SKIPPED_FIELD = "nonfinite_teacher_updates_skipped"
@@ -253,16 +255,8 @@ def run_phase(method: methods.OuterLoop, state, splits: data.Splits, workdir: st
     """
     os.makedirs(workdir, exist_ok=True)
     evaluate = schedule.eval_every > 0
-    full_state = {"method": state}
-    if evaluate:
-        full_state["best"] = {
-            "dev_error": jnp.asarray(np.inf, jnp.float32),
-            "test_error": jnp.asarray(np.nan, jnp.float32),
-            "step": jnp.asarray(-1, jnp.int32),
-            **{f"{name}_test_error": jnp.asarray(np.nan, jnp.float32)
-               for name in views(method.model)},
-        }
-    checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+    full_state = _checkpointed_state(method, state, evaluate)
+    checkpointer = checkpoint.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR))
     full_state, start_step, records = checkpointer.restore_or(full_state)
     if start_step:
         logging.info("resumed %s from the checkpoint at step %d", workdir, start_step)
@@ -320,6 +314,62 @@ def run_phase(method: methods.OuterLoop, state, splits: data.Splits, workdir: st
         summary[f"{name}_test_error"] = float(full_state["best"][f"{name}_test_error"])
         summary[f"final_{name}_test_error"] = final[f"test/{name}_error"]
     return full_state["method"], summary
+
+
+def _checkpointed_state(method: methods.OuterLoop, state, evaluate: bool) -> dict:
+    """What a phase checkpoints: the method's state, and the dev-selected best record
+    when the phase evaluates."""
+    full_state = {"method": state}
+    if evaluate:
+        full_state["best"] = {
+            "dev_error": jnp.asarray(np.inf, jnp.float32),
+            "test_error": jnp.asarray(np.nan, jnp.float32),
+            "step": jnp.asarray(-1, jnp.int32),
+            **{f"{name}_test_error": jnp.asarray(np.nan, jnp.float32)
+               for name in views(method.model)},
+        }
+    return full_state
+
+
+def restore_final_state(config: ml_collections.ConfigDict, workdir: str,
+                        splits: data.Splits):
+    """The last phase's final state of the finished run of `config` in `workdir`.
+
+    Restored from the run's verified orbax checkpoint at its last step (a damaged one is
+    reported and moved aside, as on resume), into a template that the method's plan
+    builds: nothing is trained.
+
+    Args:
+        config: the run's config (`l2t_jax.workdir.read_config`).
+        workdir: the run's directory.
+        splits: the run's data.
+
+    Returns:
+        ``(plan, state)``: the method's plan and its last phase's final state.
+
+    Raises:
+        ConfigError: the run has not finished, or its last checkpoint is not intact.
+    """
+    if not os.path.exists(os.path.join(workdir, SUMMARY_FILE)):
+        raise ConfigError(f"{workdir} holds no finished run (no {SUMMARY_FILE}); finish "
+                          "it with launch.train first")
+    plan = methods.get(config.method).build(config, splits, jax.random.PRNGKey(config.seed))
+    finished = {}
+    for phase in plan.phases:  # templates: each phase's initial state from the earlier ones'
+        finished[phase.name] = phase.init(finished)
+    last = plan.phases[-1]
+    checkpointer = checkpoint.Checkpointer(os.path.join(workdir, last.name, CHECKPOINT_DIR))
+    try:
+        template = _checkpointed_state(last.loop, finished[last.name],
+                                       last.schedule.eval_every > 0)
+        full_state, step, _ = checkpointer.restore_or(template)
+    finally:
+        checkpointer.close()
+    if step != last.schedule.num_steps:
+        raise ConfigError(f"the newest intact checkpoint in {workdir} is at step {step}, "
+                          f"not the run's last ({last.schedule.num_steps}); rerun "
+                          "launch.train on it to finish it")
+    return plan, full_state["method"]
 
 
 def _evaluate_splits(method, state: dict, splits: data.Splits, batch_size: int) -> dict:

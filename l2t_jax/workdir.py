@@ -20,6 +20,8 @@ from l2t_jax.errors import ConfigError
 
 # The config a run writes into its workdir, beside its checkpoints.
 CONFIG_FILE = "config.json"
+# What a finished run writes last: its results.
+SUMMARY_FILE = "summary.json"
 # Fields that change how often a run saves, or when a diverging run stops, never what a
 # finished run computes.
 NEUTRAL_FIELDS = ("train.checkpoint_every", "train.max_growth", "train.max_cross_entropy")
@@ -85,6 +87,30 @@ def record(workdir: str, config: ml_collections.ConfigDict) -> None:
     """Writes `config` as the config of the run in `workdir` (created if missing)."""
     os.makedirs(workdir, exist_ok=True)
     write_atomically(os.path.join(workdir, CONFIG_FILE), json.dumps(_as_json(config), indent=2))
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config recorded in `workdir` (by `record`), as the run was given it.
+
+    Raises:
+        ConfigError: `workdir` holds no readable recorded config (in one line).
+    """
+    path = os.path.join(workdir, CONFIG_FILE)
+    try:
+        with open(path) as f:
+            recorded = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"no {CONFIG_FILE} in {workdir}: not a run's --workdir "
+                          "(launch.train writes it at the start)") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} is unreadable ({e}); restore it") from None
+
+    def tuples(value):  # JSON holds the config's tuples as lists
+        if isinstance(value, dict):
+            return {k: tuples(v) for k, v in value.items()}
+        return tuple(tuples(v) for v in value) if isinstance(value, list) else value
+
+    return ml_collections.ConfigDict(tuples(recorded))
 
 
 def _as_json(config: ml_collections.ConfigDict) -> dict:

@@ -5,7 +5,11 @@ flag, a config file or variant that does not load, an override of a config field
 does not exist, or a `ConfigError` raised by the run is printed as one line, with no
 traceback and no help text, and the process exits with code 2 before anything is
 written. A run that diverges (`DivergenceError`) or cannot write (a full disk, a
-read-only workdir) ends with one line and exit code 1.
+read-only workdir) ends with one line and exit code 1. ``--help`` exits with code 0.
+
+A ``--config=configs/x.py[:arg]`` that is not a file under the current directory is
+looked up in the installed `configs` package, so that the installed commands
+(``l2t-train``, ...) take the same config paths from any directory.
 """
 
 from __future__ import annotations
@@ -53,6 +57,39 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
         raise ConfigError(f"--config={spec}: {e}") from None
 
 
+def resolve_config_path(spec: str) -> str:
+    """``path[:arg]``, with `path` in the installed `configs` package when that is where it is.
+
+    A path that is a file (relative to the current directory) or that names no file of
+    the `configs` package is returned as it is, so a missing file is reported as given.
+    """
+    path, sep, arg = spec.partition(":")
+    parts = os.path.normpath(path).split(os.sep)
+    if os.path.isfile(path) or len(parts) != 2 or parts[0] != "configs":
+        return spec
+    package = importlib.util.find_spec("configs")
+    for directory in (package.submodule_search_locations or []) if package else []:
+        installed = os.path.join(directory, parts[1])
+        if os.path.isfile(installed):
+            return installed + sep + arg
+    return spec
+
+
+def resolve_config_args(argv: Sequence[str], name: str = "config") -> list[str]:
+    """`argv` with the value of every ``--name=...`` / ``--name ...`` resolved by
+    `resolve_config_path` (the ``--name.a.b`` overrides are left as they are)."""
+    resolved = list(argv)
+    for i, arg in enumerate(resolved):
+        flag, sep, value = arg.partition("=")
+        if not flag.startswith("-") or flag.lstrip("-") != name:
+            continue
+        if sep:
+            resolved[i] = f"{flag}={resolve_config_path(value)}"
+        elif i + 1 < len(resolved):
+            resolved[i + 1] = resolve_config_path(resolved[i + 1])
+    return resolved
+
+
 def _flag_values(args: Sequence[str], name: str) -> list[tuple[str, str]]:
     """``(flag, value)`` of every ``--name...=value`` or ``--name... value`` in `args`."""
     found = []
@@ -94,7 +131,12 @@ def check_config_overrides(args: Sequence[str], name: str = "config") -> None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing with every error as one line and exit code 2."""
+    """absl's flag parsing with every error as one line and exit code 2.
+
+    Config file paths are resolved first (`resolve_config_args`); absl's help flags
+    (``--help``, ``--helpfull``, ...) print what they print and exit with code 0, not 1.
+    """
+    argv = resolve_config_args(argv)
     try:
         check_config_overrides(argv[1:])
         return flags.FLAGS(argv)
@@ -102,6 +144,9 @@ def parse_flags(argv: list[str]) -> list[str]:
         fail(str(e))
     except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:
         fail(f"bad flag value: {e}")  # what ml_collections raises while applying overrides
+    except SystemExit as e:
+        # Only the help flags exit while absl parses; the help asked for was given.
+        sys.exit(0 if e.code == 1 else e.code)
 
 
 def guarded(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
@@ -134,6 +179,20 @@ def _root_errno(error: BaseException) -> int | None:
     return None
 
 
+def _help_as_main_program(module_name: str) -> None:
+    """Makes ``--help`` show `module_name`'s docstring and flags when an installed command
+    (``l2t-train``: a wrapper script that imports the launcher) runs it, as it does under
+    ``python -m``: absl describes the flags and docstring of ``sys.argv[0]``'s module."""
+    if module_name == "__main__":
+        return
+    program = sys.modules["__main__"]
+    if not program.__doc__:
+        program.__doc__ = sys.modules[module_name].__doc__
+    for flag in flags.FLAGS.get_key_flags_for_module(module_name):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+
 def run(main: Callable[[list[str]], None]) -> None:
     """Runs a launcher's `main` like ``absl.app.run``, with one-line errors."""
+    _help_as_main_program(main.__module__)
     app.run(guarded(main), flags_parser=parse_flags)

@@ -1,6 +1,6 @@
 r"""Lists the registered methods: name, config sections, example config, description.
 
-  python -m launch.methods
+  python -m launch.methods      (installed: l2t-methods)
 
 Run one with `python -m launch.train --config=<example> --workdir=DIR`, or any config
 with `--config.method=<name>` when it has the method's sections.
@@ -25,5 +25,10 @@ def main(argv):
     print(table())
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The ``l2t-methods`` command (``python -m launch.methods``)."""
     cli.run(main)
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,6 +1,6 @@
 r"""Draws a run's pictures into its workdir.
 
-  python -m launch.plot --workdir=DIR
+  python -m launch.plot --workdir=DIR      (installed: l2t-plot --workdir=DIR)
 
 Writes DIR/curves.png (train loss, dev and test loss and error over the run) and the
 pictures of the run's method, e.g. DIR/dlf_loss.png for L2T-DLF (the learned W_t at
@@ -61,5 +61,10 @@ def main(argv):
             print(path)
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The ``l2t-plot`` command (``python -m launch.plot``)."""
     cli.run(main)
+
+
+if __name__ == "__main__":
+    entry()

@@ -12,14 +12,18 @@ student, optimizer, step budget and dev selection:
 
 * L2T-DLF group (configs/l2t_dlf.py: the episode length T, the DLF student optimizer):
   ``ce``, ``l2t-dlf-fixed``, ``l2t-dlf``.
-* L2T-DLN group (configs/l2t_dln.py: plain SGD 0.1, batch 25, K = 15, 400 iterations on
-  the small datasets): ``ce-long`` (cross-entropy on that schedule), ``l2t-dln-fixed`` and
-  ``l2t-dln`` (the released set-up), ``l2t-dln-warm-fixed`` and ``l2t-dln-warm`` (the DLN
-  warm-started on a soft margin, and taught with its scale preserved),
-  ``l2t-dln-warm-proper`` (the same, keeping only DLN updates under which the right
-  answer stays the loss's minimum: ``dln.accept="proper"``), ``l2t-dln-warm-descent``
-  (and only those that do not raise the iteration's validation CE:
-  ``dln.accept="proper_descent"``).
+* L2T-DLN defaults (configs/l2t_dln.py as it stands: the recommended recipe, the DLN
+  warm-started on a soft margin, its scale preserved, the proper rule, the student's SGD
+  rate dev error selects: 1.0 on digits and mnist1d, 0.1 on mnist_5k): ``l2t-dln`` (taught)
+  and ``l2t-dln-fixed`` (the warm DLN frozen).
+* L2T-DLN group (configs/l2t_dln.py:<dataset>,released: plain SGD 0.1, batch 25, K = 15,
+  400 iterations on the small datasets): ``ce-long`` (cross-entropy on that schedule),
+  ``l2t-dln-released-fixed`` and ``l2t-dln-released`` (the authors' released set-up),
+  ``l2t-dln-warm-fixed`` and ``l2t-dln-warm`` (the DLN warm-started on a soft margin, and
+  taught with its scale preserved), ``l2t-dln-warm-proper`` (the same, keeping only DLN
+  updates under which the right answer stays the loss's minimum:
+  ``dln.accept="proper"``), ``l2t-dln-warm-descent`` (and only those that do not raise
+  the iteration's validation CE: ``dln.accept="proper_descent"``).
 * Populations: ``l2t-dlf-pop4`` is ``l2t-dlf`` with the teacher's meta-gradient averaged
   over 4 students per episode (``teacher.population_size=4``).
 * L2T-DLF on the L2T-DLN group's student and schedule (option ``long``: the teacher
@@ -36,6 +40,11 @@ student, optimizer, step budget and dev selection:
   seed distills from that seed's ``kd-target`` run (trained by whichever runs first);
   records name the target model (``"target"``). ``l2t-kd-ep``: the loss teacher trained
   on 8 whole trainings of 3,000 steps (episodes, fresh students) instead of online.
+* Transfer (`TRANSFERS`; docs/export.md): ``l2t-dlf-transfer`` and ``l2t-dln-transfer``
+  train the source row's config on this dataset (config.method=transfer) on the frozen
+  loss learned by that row's run of the same seed and noise on another dataset: on
+  mnist_5k from digits, on mnist1d_cnn from mnist1d (both with their MLPs). The source
+  runs are run first when missing, under their own names.
 * Moonshine cheap-convolution students (configs/distill.py:<setting>,moonshine: the
   target's own architecture with every block's 3x3 convolutions swapped for a cheap
   block): ``ms-<block>`` alone (CE) and ``ms-<block>-at-kd`` (AT + KD from the target
@@ -66,8 +75,13 @@ student, optimizer, step budget and dev selection:
   (taught under the proper rule, scale preserved).
 
 Writes docs/results/<dataset>_noise<rate>.json (test error in percent, dev-selected, per
-seed; records of other methods already in the file are kept) and the table
-docs/results.md from every JSON file there.
+seed; records of other methods already in the file are kept), then, from every JSON file
+there, the tables docs/results.md and the pictures: docs/results/<dataset>_noise<rate>.png
+(each method's mean +- std as a bar, its seeds as dots; `PLOT_FIRST` on top) and
+docs/results/headline.png (the `HEADLINE` rows per setting). With no methods it runs
+nothing and only rewrites those from the JSON files:
+
+  python -m launch.results --workdir=/tmp/unused --methods=
 """
 
 import ast
@@ -90,43 +104,51 @@ _PROPER = {"dln.preserve_scale": True, "dln.accept": "proper"}
 _DESCENT = {**_PROPER, "dln.accept": "proper_descent"}
 # The DLN warm-started on pairwise binary cross-entropy, the student at SGD 0.3.
 _BCE = {"dln.warm_target": "bce", "optimizer.learning_rate": 0.3}
+# configs/l2t_dln.py's options for the rows measured on the released set-up (random DLN,
+# every update kept, SGD 0.1) and on that set-up with the DLN warm-started; the rows set
+# what they change from there.
+_RELEASED, _RELEASED_WARM = ",released", ",released,warm"
 # name -> (config module, extra config options, config.method, {"section.field": value})
 METHODS = {
     "ce": (l2t_dlf, "", "ce", {}),
     "l2t-dlf-fixed": (l2t_dlf, "", "l2t-dlf-fixed", {}),
     "l2t-dlf": (l2t_dlf, "", "l2t-dlf", {}),
-    "ce-long": (l2t_dln, "", "ce", {}),
+    "ce-long": (l2t_dln, _RELEASED, "ce", {}),
+    # configs/l2t_dln.py's defaults: the recommended recipe, taught and frozen.
     "l2t-dln-fixed": (l2t_dln, "", "l2t-dln-fixed", {}),
     "l2t-dln": (l2t_dln, "", "l2t-dln", {}),
-    "l2t-dln-warm-fixed": (l2t_dln, ",warm", "l2t-dln-fixed", {}),
-    "l2t-dln-warm": (l2t_dln, ",warm", "l2t-dln", {"dln.preserve_scale": True}),
-    "l2t-dln-warm-proper": (l2t_dln, ",warm", "l2t-dln", _PROPER),
-    "l2t-dln-warm-descent": (l2t_dln, ",warm", "l2t-dln", _DESCENT),
+    "l2t-dln-released-fixed": (l2t_dln, _RELEASED, "l2t-dln-fixed", {}),
+    "l2t-dln-released": (l2t_dln, _RELEASED, "l2t-dln", {}),
+    "l2t-dln-warm-fixed": (l2t_dln, _RELEASED_WARM, "l2t-dln-fixed", {}),
+    "l2t-dln-warm": (l2t_dln, _RELEASED_WARM, "l2t-dln", {"dln.preserve_scale": True}),
+    "l2t-dln-warm-proper": (l2t_dln, _RELEASED_WARM, "l2t-dln", _PROPER),
+    "l2t-dln-warm-descent": (l2t_dln, _RELEASED_WARM, "l2t-dln", _DESCENT),
     "l2t-dlf-pop4": (l2t_dlf, "", "l2t-dlf", {"teacher.population_size": 4}),
     "ce-md": (l2t_dlf, "", "ce", {"data.meta_dev_size": 150}),
     "l2t-dlf-fixed-md": (l2t_dlf, "", "l2t-dlf-fixed", {"data.meta_dev_size": 150}),
     "l2t-dlf-md": (l2t_dlf, "", "l2t-dlf", {"data.meta_dev_size": 150}),
-    "ce-long-md": (l2t_dln, "", "ce", {"data.meta_dev_size": 150}),
-    "l2t-dln-warm-fixed-md": (l2t_dln, ",warm", "l2t-dln-fixed", {"data.meta_dev_size": 150}),
-    "l2t-dln-warm-proper-md": (l2t_dln, ",warm", "l2t-dln",
+    "ce-long-md": (l2t_dln, _RELEASED, "ce", {"data.meta_dev_size": 150}),
+    "l2t-dln-warm-fixed-md": (l2t_dln, _RELEASED_WARM, "l2t-dln-fixed",
+                              {"data.meta_dev_size": 150}),
+    "l2t-dln-warm-proper-md": (l2t_dln, _RELEASED_WARM, "l2t-dln",
                                {**_PROPER, "data.meta_dev_size": 150}),
-    "ce-long-lr03": (l2t_dln, "", "ce", {"optimizer.learning_rate": 0.3}),
-    "ce-long-lr1": (l2t_dln, "", "ce", {"optimizer.learning_rate": 1.0}),
-    "l2t-dln-warm-fixed-lr03": (l2t_dln, ",warm", "l2t-dln-fixed",
+    "ce-long-lr03": (l2t_dln, _RELEASED, "ce", {"optimizer.learning_rate": 0.3}),
+    "ce-long-lr1": (l2t_dln, _RELEASED, "ce", {"optimizer.learning_rate": 1.0}),
+    "l2t-dln-warm-fixed-lr03": (l2t_dln, _RELEASED_WARM, "l2t-dln-fixed",
                                 {"optimizer.learning_rate": 0.3}),
-    "l2t-dln-warm-proper-lr03": (l2t_dln, ",warm", "l2t-dln",
+    "l2t-dln-warm-proper-lr03": (l2t_dln, _RELEASED_WARM, "l2t-dln",
                                  {**_PROPER, "optimizer.learning_rate": 0.3}),
-    "l2t-dln-warm-fixed-lr1": (l2t_dln, ",warm", "l2t-dln-fixed",
+    "l2t-dln-warm-fixed-lr1": (l2t_dln, _RELEASED_WARM, "l2t-dln-fixed",
                                {"optimizer.learning_rate": 1.0}),
-    "l2t-dln-warm-proper-lr1": (l2t_dln, ",warm", "l2t-dln",
+    "l2t-dln-warm-proper-lr1": (l2t_dln, _RELEASED_WARM, "l2t-dln",
                                 {**_PROPER, "optimizer.learning_rate": 1.0}),
-    "l2t-dln-warm-descent-lr1": (l2t_dln, ",warm", "l2t-dln",
+    "l2t-dln-warm-descent-lr1": (l2t_dln, _RELEASED_WARM, "l2t-dln",
                                  {**_DESCENT, "optimizer.learning_rate": 1.0}),
-    "l2t-dln-warm-descent-k600-lr1": (l2t_dln, ",warm", "l2t-dln",
+    "l2t-dln-warm-descent-k600-lr1": (l2t_dln, _RELEASED_WARM, "l2t-dln",
                                       {**_DESCENT, "optimizer.learning_rate": 1.0,
                                        "dln.keep_after": 600}),
-    "l2t-dln-bce-fixed-lr03": (l2t_dln, ",warm", "l2t-dln-fixed", _BCE),
-    "l2t-dln-bce-proper-lr03": (l2t_dln, ",warm", "l2t-dln", {**_PROPER, **_BCE}),
+    "l2t-dln-bce-fixed-lr03": (l2t_dln, _RELEASED_WARM, "l2t-dln-fixed", _BCE),
+    "l2t-dln-bce-proper-lr03": (l2t_dln, _RELEASED_WARM, "l2t-dln", {**_PROPER, **_BCE}),
     "ce-ol": (l2t_dlf, ",online", "ce", {}),
     "l2t-dlf-fixed-ol": (l2t_dlf, ",online", "l2t-dlf-fixed", {}),
     "l2t-dlf-ol": (l2t_dlf, ",online", "l2t-dlf", {}),
@@ -172,6 +194,15 @@ for _block in MOONSHINE_BLOCKS:
     METHODS[f"ms-{_block}-at-kd"] = (distill, ",moonshine", "at-kd", {"student.conv": _block})
 # Distillation rows share one target model per (dataset, noise, seed): the kd-target run.
 TARGET_ROW = "kd-target"
+# Transfer rows: the student of the source row's config on this dataset, trained on the
+# frozen loss of the source row's run on another dataset, same noise and seed
+# (config.method=transfer): row -> (source row, {dataset: the source's dataset}).
+TRANSFERS = {
+    "l2t-dlf-transfer": ("l2t-dlf", {"mnist_5k": "digits", "mnist1d_cnn": "mnist1d"}),
+    "l2t-dln-transfer": ("l2t-dln", {"mnist_5k": "digits", "mnist1d_cnn": "mnist1d"}),
+}
+for _row, (_source, _) in TRANSFERS.items():
+    METHODS[_row] = (*METHODS[_source][:2], "transfer", METHODS[_source][3])
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the individual runs live.")
 _DATASETS = flags.DEFINE_list("datasets", ["digits", "mnist_5k", "mnist1d"], "Dataset variants.")
@@ -240,6 +271,8 @@ def method_config(dataset: str, method: str, noise: float = 0.0, extra: dict | N
     module, options, config_method, overrides = METHODS[method]
     config = module.get_config(dataset + options)
     config.method = config_method
+    if method in TRANSFERS:  # the source's runs, by seed, under the results workdir
+        config.loss_from = os.path.join(*transfer_source(dataset, method, noise))
     extra = applicable_overrides(config, extra or {})
     for dotted, value in {**overrides, **extra}.items():
         section, field = dotted.split(".")
@@ -247,6 +280,19 @@ def method_config(dataset: str, method: str, noise: float = 0.0, extra: dict | N
     if noise:
         config.data.update(noise_type="symmetric", noise_rate=noise)
     return config
+
+
+def transfer_source(dataset: str, method: str, noise: float) -> tuple[str, str]:
+    """``(setting directory, row)`` of a `TRANSFERS` row's source runs on `dataset`.
+
+    Raises:
+        ConfigError: the row has no source for `dataset`.
+    """
+    row, sources = TRANSFERS[method]
+    if dataset not in sources:
+        raise ConfigError(f"{method} runs on {sorted(sources)} (from {row} on "
+                          f"{sorted(set(sources.values()))}), not on {dataset}")
+    return f"{sources[dataset]}_noise{noise}", row
 
 
 def checked_configs(datasets: list[str], noises: list[str], names: list[str],
@@ -308,6 +354,11 @@ def run_one(config, dataset: str, noise: float, method: str, seed: int) -> dict:
     if "target" in config and not config.target.workdir:
         config.target.workdir = os.path.join(_WORKDIR.value, f"{dataset}_noise{noise}",
                                              TARGET_ROW, f"s{seed}")
+    if method in TRANSFERS:  # the source run first (or its finished run, reused)
+        source_setting, row = transfer_source(dataset, method, noise)
+        source_dataset = source_setting.removesuffix(f"_noise{noise}")
+        run_one(method_config(source_dataset, row, noise), source_dataset, noise, row, seed)
+        config.loss_from = os.path.join(_WORKDIR.value, config.loss_from, f"s{seed}")
     logging.info("running %s noise %s %s seed %d", dataset, noise, method, seed)
     return train.train_and_evaluate(config, workdir)
 
@@ -370,23 +421,94 @@ def main(argv):
             if used:
                 record["overrides"] = used
             records.append(record)
-        path = os.path.join(results_dir, f"{dataset}_noise{noise}.json")
-        kept = []
-        if os.path.exists(path):
-            with open(path) as f:
-                kept = [r for r in json.load(f) if r["method"] not in _METHODS.value]
-        order = list(METHODS)
-        records = sorted(kept + records, key=lambda r: order.index(r["method"]))
-        with open(path, "w") as f:
-            json.dump(records, f, indent=2)
-    rows = []
+        merge_records(os.path.join(results_dir, f"{dataset}_noise{noise}.json"), records)
+    print(write_reports(_OUT.value))
+
+
+def merge_records(path: str, records: list[dict]) -> list[dict]:
+    """Writes `records` into the results file `path`, replacing its records of the same
+    methods and keeping the others; in `METHODS` order (names no longer in it last).
+
+    Returns:
+        the file's records.
+    """
+    replaced = {r["method"] for r in records}
+    kept = []
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = [r for r in json.load(f) if r["method"] not in replaced]
+    order = {name: i for i, name in enumerate(METHODS)}
+    merged = sorted(kept + records, key=lambda r: (order.get(r["method"], len(order)),
+                                                  r["method"]))
+    with open(path, "w") as f:
+        json.dump(merged, f, indent=2)
+    return merged
+
+
+def read_records(results_dir: str) -> dict[str, list[dict]]:
+    """``{file name without .json: records}`` for every results file in `results_dir`."""
+    records = {}
     for name in sorted(os.listdir(results_dir)):
-        with open(os.path.join(results_dir, name)) as f:
-            rows.extend(json.load(f))
-    table = write_table(rows, os.path.join(_OUT.value, "results.md"))
-    print(table)
+        if name.endswith(".json"):
+            with open(os.path.join(results_dir, name)) as f:
+                records[name.removesuffix(".json")] = json.load(f)
+    return records
+
+
+def write_reports(out: str) -> str:
+    """From every results file in OUT/results (runs nothing): OUT/results.md (returned),
+    a picture per results file beside it (OUT/results/<dataset>_noise<rate>.png),
+    OUT/results/headline.png (the `HEADLINE` rows) and, with Moonshine rows,
+    OUT/moonshine.png."""
+    results_dir = os.path.join(out, "results")
+    files = read_records(results_dir)
+    rows = [r for records in files.values() for r in records]
+    table = write_table(rows, os.path.join(out, "results.md"))
+    kinds = {name: method_kind(name) for name in {r["method"] for r in rows}}
+    headline_panels = []
+    for name, records in files.items():
+        if not records:
+            continue
+        first = [m for m in PLOT_FIRST if any(r["method"] == m for r in records)]
+        order = {m: i for i, m in enumerate(dict.fromkeys([*first, *METHODS]))}
+        ordered = sorted(records, key=lambda r: (order.get(r["method"], len(order)),
+                                                 r["method"]))
+        setting = f"{records[0]['dataset']}, noise {records[0]['noise']} ({records[0]['student']})"
+        plots.plot_results(ordered, os.path.join(results_dir, f"{name}.png"),
+                           f"{setting}: test error (%) at the best dev step", kinds,
+                           len(first))
+        headline = [(label, next(r for r in records if r["method"] == method))
+                    for label, method in HEADLINE.items()
+                    if any(r["method"] == method for r in records)]
+        if len(headline) > 1 and headline[0][1]["method"] == HEADLINE["CE"]:
+            headline_panels.append((setting, headline))
+    if headline_panels:
+        plots.plot_headline(headline_panels, os.path.join(results_dir, "headline.png"),
+                            HEADLINE_PICTURE_TITLE, kinds)
     if any(r["method"].startswith("ms-") for r in rows):
-        plots.plot_moonshine(rows, os.path.join(_OUT.value, "moonshine.png"))
+        plots.plot_moonshine(rows, os.path.join(out, "moonshine.png"))
+    return table
+
+
+def method_kind(method: str) -> str:
+    """What a row's loss is, for the pictures' colours: ``"cross-entropy"``, ``"learned"``
+    (set by a teacher as the student trains), ``"hand-set"`` (a fixed hand-made or
+    frozen loss) or ``"other"`` (the distillation target model; names not in `METHODS`)."""
+    config_method = METHODS[method][2] if method in METHODS else ""
+    if config_method == "ce":
+        return "cross-entropy"
+    if not config_method or config_method == "kd-target":
+        return "other"
+    if config_method.startswith("l2t-") and not config_method.endswith("-fixed"):
+        return "learned"
+    return "hand-set"
+
+
+# The rows each results picture draws first (those its file has), in this order: the
+# baselines and each family's recommended row; the rest follow in `METHODS` order.
+PLOT_FIRST = ("ce", "ce-long", "l2t-dlf", "l2t-dlf-long", "l2t-dln", "gce", "sce", "l2t-gce",
+              "gce-long", "sce-long", "l2t-gce-long", "kd-student", "kd", "l2t-kd", "at-kd",
+              "l2t-at-kd", "one-base", "one", "l2t-one")
 
 
 # Methods compared in one table share students, optimizers, step budgets and dev selection.
@@ -405,11 +527,17 @@ GROUPS = {
                                                           "l2t-dlf-md"),
     "L2T-DLF group, online teacher over a training 10 episode lengths long "
     "(configs/l2t_dlf.py:<dataset>,online)": ("ce-ol", "l2t-dlf-fixed-ol", "l2t-dlf-ol"),
-    "L2T-DLN group (configs/l2t_dln.py: SGD 0.1, batch 25, K = 15; 400 iterations, mnist_5k "
-    "200), with L2T-DLF and the robust losses on the same student and schedule "
-    "(configs/l2t_dlf.py:<dataset>,long, configs/robust.py:<dataset>,long)": (
+    "L2T-DLN defaults (configs/l2t_dln.py: the DLN warm-started, scale preserved, proper "
+    "rule; batch 25, K = 15; the student's SGD rate dev error selects: 1.0 on digits and "
+    "mnist1d, 0.1 on mnist_5k; the records are the runs of the same configs as rows "
+    "l2t-dln-warm-proper-lr1 and l2t-dln-warm-fixed-lr1, on mnist_5k l2t-dln-warm-proper "
+    "and l2t-dln-warm-fixed)": (
+        "l2t-dln-fixed", "l2t-dln"),
+    "L2T-DLN group (configs/l2t_dln.py:<dataset>,released: SGD 0.1, batch 25, K = 15; 400 "
+    "iterations, mnist_5k 200), with L2T-DLF and the robust losses on the same student and "
+    "schedule (configs/l2t_dlf.py:<dataset>,long, configs/robust.py:<dataset>,long)": (
         "ce-long", "gce-long", "sce-long", "l2t-gce-long", "l2t-dlf-fixed-long",
-        "l2t-dlf-long", "l2t-dln-fixed", "l2t-dln",
+        "l2t-dlf-long", "l2t-dln-released-fixed", "l2t-dln-released",
         "l2t-dln-warm-fixed", "l2t-dln-warm", "l2t-dln-warm-proper", "l2t-dln-warm-descent"),
     "L2T-DLN group, teacher on a separate meta-dev split (150 of the 300 dev examples; "
     "selection on the other 150)": ("ce-long-md", "l2t-dln-warm-fixed-md",
@@ -421,6 +549,11 @@ GROUPS = {
         "ce-long-lr1", "l2t-dln-warm-fixed-lr1", "l2t-dln-warm-proper-lr1",
         "l2t-dln-warm-descent-lr1", "l2t-dln-warm-descent-k600-lr1",
         "l2t-dln-bce-fixed-lr03", "l2t-dln-bce-proper-lr03"),
+    "Transfer: the frozen loss of a run on another dataset (mnist_5k: digits with its MLP; "
+    "mnist1d_cnn: mnist1d with its MLP), same noise and seed, on the student and schedule "
+    "of the source row's config here (compare l2t-dlf-transfer with the L2T-DLF group, "
+    "l2t-dln-transfer with the L2T-DLN defaults' ce-long on mnist_5k, ce-long-lr1 on "
+    "mnist1d_cnn)": ("l2t-dlf-transfer", "l2t-dln-transfer"),
 }
 
 
@@ -428,6 +561,9 @@ GROUPS = {
 # schedule (the L2T-DLN group's), so that its columns compare: label -> row of `METHODS`.
 HEADLINE = {"CE": "ce-long", "GCE": "gce-long", "SCE": "sce-long", "L2T-DLF": "l2t-dlf-long",
             "l2t-gce": "l2t-gce-long", "L2T-DLN": "l2t-dln-warm-proper"}
+HEADLINE_PICTURE_TITLE = (
+    "Test error (%) at the best dev step, mean +- std (dots: seeds): each family at its "
+    "recommended setting on one student and schedule (the L2T-DLN group's, SGD 0.1)")
 HEADLINE_TITLE = (
     "## Headline\n\nEach method family at its recommended setting, on one student and "
     "schedule (the L2T-DLN group's: SGD 0.1, batch 25; robust losses at their papers' "
@@ -528,12 +664,21 @@ def write_table(rows: list[dict], path: str) -> str:
               "[one.md](one.md), "
               "populations: "
               "[population.md](population.md). "
-              "Regenerate with `python -m launch.results --workdir=DIR`.\n\n")
+              "Pictures: a bar per method, its seeds as dots, for each results file "
+              "(`results/<dataset>_noise<rate>.png`) and the headline "
+              "([results/headline.png](results/headline.png)). "
+              "Regenerate with `python -m launch.results --workdir=DIR`; the tables and "
+              "pictures alone, from the JSON files, with `--methods=`.\n\n")
     text = header + "\n\n".join(s for s in sections if s is not None) + "\n"
     with open(path, "w") as f:
         f.write(text)
     return text
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The ``l2t-results`` command (``python -m launch.results``)."""
     cli.run(main)
+
+
+if __name__ == "__main__":
+    entry()

@@ -3,6 +3,9 @@ r"""Trains as a config says, resuming from the latest checkpoint in --workdir.
   python -m launch.train --config=configs/ce_baseline.py[:variant] --workdir=DIR \
       [--config.train.num_steps=500 ...]
 
+Installed (`pip install .`), the same is `l2t-train ...` from any directory: a
+configs/x.py that is not under the current directory is read from the installed package.
+
 Writes DIR/config.json, DIR/metrics.jsonl, DIR/tensorboard/, DIR/checkpoints/ and
 DIR/summary.json. A DIR made by another config is refused (--allow_config_change
 continues it). Exit codes: 0 done, 1 diverged or could not write, 2 bad input (one line
@@ -47,5 +50,10 @@ def main(argv):
                              allow_config_change=_ALLOW_CONFIG_CHANGE.value)
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The ``l2t-train`` command (``python -m launch.train``)."""
     cli.run(main)
+
+
+if __name__ == "__main__":
+    entry()

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from configs import l2t_dlf, l2t_dln
@@ -61,6 +62,51 @@ def test_state_gate_moves_w_with_the_student_state():
     np.testing.assert_allclose(early, jnp.eye(C) + gate(-2.0), rtol=1e-6)
     np.testing.assert_allclose(late, jnp.eye(C) + gate(2.0), rtol=1e-6)
     assert float(mix) == pytest.approx(0.5)
+    # What the step's metrics report of the loss it set (W_t = I + h_t * ones).
+    described = teacher.describe(params, jnp.array([1.0, 0, 0, 0]))
+    assert set(described) == {"dlf/gate", "dlf/mix", "dlf/W_diag_mean", "dlf/W_offdiag_mean",
+                              "dlf/b_mean"}
+    np.testing.assert_allclose(described["dlf/gate"], gate(2.0), rtol=1e-6)
+    np.testing.assert_allclose(described["dlf/W_diag_mean"], 1 + gate(2.0), rtol=1e-6)
+    np.testing.assert_allclose(described["dlf/W_offdiag_mean"], gate(2.0), rtol=1e-6)
+    assert float(described["dlf/mix"]) == pytest.approx(0.5)
+    assert float(described["dlf/b_mean"]) == 0.0
+    static = teachers.DLFTeacher("static", C, teachers.NUM_FEATURES)
+    assert set(static.describe(static.init(jax.random.PRNGKey(0)), jnp.zeros(4))) == {
+        "dlf/W_diag_mean", "dlf/W_offdiag_mean", "dlf/b_mean"}
+
+
+def test_a_teacher_reads_a_subset_of_the_features_or_its_own():
+    teacher = teachers.DLFTeacher("state_gate", C, 2, combine=True)
+    params = {**teacher.init(jax.random.PRNGKey(0)), "W2": jnp.ones((C, C))}
+    state = engine.StudentState.create({"w": jnp.zeros(3)}, jax.random.PRNGKey(1),
+                                       tx=optax.sgd(0.1), stats=teachers.initial_stats(C),
+                                       step=3)
+    logits = jax.random.normal(jax.random.PRNGKey(2), (8, C))
+    output, batch = engine.ModelOutput(logits), {"y": jnp.arange(8) % C}
+    s_t = teachers.student_features(state, logits, batch["y"], 10, C)[jnp.array([3, 0])]
+    expected = teacher.student_loss(params, s_t, output, batch)
+    for subset in (("dev_error", "iteration_fraction"), (3, 0)):
+        loss_fn = make_dlf_loss_fn(teacher, 10, feature_subset=subset)
+        np.testing.assert_allclose(loss_fn(params, output, batch, state), expected, rtol=1e-6)
+        described = dlf.make_dlf_metrics_fn(teacher, 10, feature_subset=subset)(
+            params, output, batch, state)
+        chex.assert_trees_all_close(described, teacher.describe(params, s_t), rtol=1e-6)
+
+    def constant_features(state, logits, labels, total_steps, num_classes):
+        return jnp.array([0.5, 0.25], logits.dtype)
+
+    loss_fn = make_dlf_loss_fn(teacher, 10, features_fn=constant_features)
+    np.testing.assert_allclose(
+        loss_fn(params, output, batch, state),
+        teacher.student_loss(params, jnp.array([0.5, 0.25]), output, batch), rtol=1e-6)
+    assert dlf.make_dlf_metrics_fn(object(), 10) is None  # a teacher without describe
+    with pytest.raises(ConfigError, match="unknown student feature 'loss'"):
+        make_dlf_loss_fn(teacher, 10, feature_subset=("loss",))
+    with pytest.raises(ConfigError, match="no repeats"):
+        make_dlf_loss_fn(teacher, 10, feature_subset=(0, "iteration_fraction"))
+    with pytest.raises(ValueError, match="not both"):
+        make_dlf_loss_fn(teacher, 10, features_fn=constant_features, feature_subset=(0,))
 
 
 def test_features_and_stats_inside_the_scan():
@@ -130,8 +176,9 @@ def dlf_problem(form, dtype, features_grad, perturb=True, teacher=None, steps=20
     if perturb:  # move every parameter off its initial value: no gradient is zero at W2 = 0
         params = jax.tree_util.tree_map(
             lambda p: p + 0.1 * jnp.asarray(rng.normal(size=p.shape), dtype), params)
-    stats = jax.tree_util.tree_map(lambda s: s.astype(dtype), teachers.initial_stats(C))
-    state = engine.init_student_state(model, tx, jax.random.PRNGKey(2), dev_x[:1], stats)
+    # As every method builds its students: the stats take the student's dtype.
+    state = engine.init_student_state(model, tx, jax.random.PRNGKey(2), dev_x[:1],
+                                      teachers.initial_stats(C))
     step_fn = engine.make_student_step(
         model, make_dlf_loss_fn(teacher, steps, features_grad), tx,
         stats_fn=teachers.make_stats_fn(model, dev_x, dev_y, dev_every=5))
@@ -172,6 +219,28 @@ def test_dlf_meta_gradient_matches_central_differences_float64(x64, form):
                                jax.flatten_util.ravel_pytree(result.grad)[0], rtol=1e-4)
 
 
+def test_float64_meta_gradient_is_exact_under_every_remat_policy(x64):
+    # Gradients through s_t, a float64 student built as every method builds one: its
+    # features must be float64 too. (float32 running stats put ~1e-6 relative error into
+    # the meta-gradient, and can let the remat policies' recomputations round differently.)
+    step_fn, objective, params, state, batches = dlf_problem("state_gate", jnp.float64,
+                                                             True, steps=10)
+    results = {remat: jax.jit(lambda p, remat=remat: engine.FullBackprop(remat=remat)(
+        step_fn, objective, p, state, batches))(params) for remat in engine.REMAT_POLICIES}
+    # The same student with its stats made float64 by hand.
+    float64_stats = state.replace(stats=jax.tree_util.tree_map(
+        lambda s: s.astype(jnp.float64), state.stats))
+    reference = jax.jit(lambda p: engine.FullBackprop()(
+        step_fn, objective, p, float64_stats, batches))(params)
+    grads = {k: jax.flatten_util.ravel_pytree(r.grad)[0] for k, r in results.items()}
+    expected = jax.flatten_util.ravel_pytree(reference.grad)[0]
+    scale = float(jnp.abs(expected).max())
+    assert scale > 1e-6
+    for remat, grad in grads.items():
+        np.testing.assert_allclose(grad, expected, rtol=0, atol=1e-15 * scale, err_msg=remat)
+    assert results["none"].state.stats["train_loss"].dtype == jnp.float64
+
+
 def test_state_gate_gets_a_meta_gradient_at_its_initial_values():
     step_fn, objective, params, state, batches = dlf_problem("state_gate", jnp.float32, False,
                                                              perturb=False)
@@ -190,11 +259,27 @@ def test_a_saved_config_from_before_gate_init_scale_builds_the_init_it_ran_with(
     assert dlf.build_teacher(config, C).gate_init_scale == 1.0
     del config.teacher.gate_init_scale
     assert dlf.build_teacher(config, C).gate_init_scale == 0.0
+    del config.teacher.features  # from before the feature subsets: every feature
+    assert dlf.build_teacher(config, C).num_features == teachers.NUM_FEATURES
+
+
+def test_the_configured_feature_subset_sizes_the_teacher_and_is_l2t_dlf_s_only():
+    from configs import robust
+
+    config = l2t_dlf.get_config("digits,smoke")
+    assert config.teacher.features == l2t_dlf.FEATURE_NAMES == teachers.FEATURE_NAMES
+    assert dlf.configured_features(config) is None  # all, in order: nothing selected
+    config.teacher.features = ("dev_error", "train_loss")
+    train.validate_config(config)
+    assert dlf.build_teacher(config, C).num_features == 2
+    config = robust.get_config("digits,smoke")
+    config.method = "l2t-gce"
+    config.teacher.features = ("dev_error",)
+    with pytest.raises(ConfigError, match="config.teacher.features selects the l2t-dlf"):
+        train.validate_config(config)
 
 
 def test_nonfinite_meta_gradient_is_skipped_never_applied():
-    import optax
-
     update = TeacherUpdate(engine.FullBackprop(), optax.adam(0.1))
     teacher = {"W": jnp.eye(2)}
     opt_state = update.tx.init(teacher)
@@ -215,7 +300,7 @@ def test_nonfinite_meta_gradient_is_skipped_never_applied():
     ("l2t-dlf-fixed", {}),
     ("l2t-dlf", {"num_episodes": 0, "teach_online": True}),
     ("l2t-dlf", {"form": "mlp", "objective": "smoothed_error", "restart": "fixed",
-                 "pretrain_steps": 10}),
+                 "pretrain_steps": 10, "features": ("iteration_fraction", "dev_error")}),
 ])
 def test_smoke_runs_every_mode_end_to_end(tmp_path, method, overrides):
     config = l2t_dlf.get_config("digits,noisy,smoke")
@@ -225,12 +310,21 @@ def test_smoke_runs_every_mode_end_to_end(tmp_path, method, overrides):
     assert summary["method"] == method and 0 <= summary["test_error"] < 60
     records = metrics.read_metrics(str(tmp_path))
     assert records[-1]["step"] == config.train.num_steps
+    # The loss the teacher set, averaged over each logged stretch of steps.
+    described = {"dlf/W_diag_mean", "dlf/W_offdiag_mean", "dlf/b_mean", "dlf/mix"}
+    if config.teacher.form == "state_gate":
+        described.add("dlf/gate")
+        assert all(-1 < r["dlf/gate"] < 1 for r in records)
+    assert all(described <= set(r) for r in records)
     if method == "l2t-dlf" and config.teacher.num_episodes:
         episodes = metrics.read_metrics(str(tmp_path / dlf.TEACHER_DIR))
         assert [r["step"] for r in episodes] == [10, 20, 30]
         assert all(r["meta/nonfinite"] == 0 for r in episodes)
+        assert all(described <= set(r) for r in episodes)
     if config.teacher.teach_online:
         assert "meta/objective" in records[-1]
+    if "features" in overrides:  # the picture reads the teacher's two features
+        assert dlf.draw_dlf_loss(config, str(tmp_path), records, summary)
 
 
 def test_teacher_phase_resumes_exactly(tmp_path, monkeypatch):
@@ -255,6 +349,8 @@ def test_teacher_phase_resumes_exactly(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("field, value, message", [
     ("teacher.form", "transformer", "config.teacher.form"),
+    ("teacher.features", ("iteration_fraction", "loss"), "config.teacher.features must"),
+    ("teacher.features", (), "config.teacher.features must"),
     ("teacher.objective", "accuracy", "config.teacher.objective"),
     ("teacher.restart", "warm", "config.teacher.restart"),
     ("teacher.learning_rate", 0.0, "config.teacher.learning_rate"),
@@ -273,7 +369,8 @@ def test_bad_teacher_config_is_rejected(field, value, message):
 
 @pytest.mark.parametrize("dataset", ["digits", "mnist_5k", "mnist1d"])
 def test_long_option_trains_the_dln_groups_student_on_its_schedule(dataset):
-    dlf, dln = l2t_dlf.get_config(dataset + ",long"), l2t_dln.get_config(dataset)
+    # The L2T-DLN group's schedule: the released set-up's student rate, SGD 0.1 (ce-long).
+    dlf, dln = l2t_dlf.get_config(dataset + ",long"), l2t_dln.get_config(dataset + ",released")
     assert dlf.student == dln.student and dlf.optimizer == dln.optimizer
     for field in ("num_steps", "batch_size", "eval_every"):
         assert dlf.train[field] == dln.train[field]

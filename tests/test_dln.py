@@ -399,8 +399,9 @@ def test_unknown_warm_target_is_rejected():
 
 
 @pytest.mark.parametrize("arg, method", [
-    ("digits,noisy,smoke,warm", "l2t-dln-fixed"),
-    ("fake_cifar10,smoke", "l2t-dln"),  # the released wide ResNet-8 and redraw protocol
+    ("digits,noisy,smoke", "l2t-dln-fixed"),  # the default: the warm DLN, frozen
+    # The released wide ResNet-8 and redraw protocol (the released DLN: no warm fit).
+    ("fake_cifar10,smoke,released", "l2t-dln"),
 ])
 def test_smoke_runs_end_to_end(tmp_path, arg, method):
     config = l2t_dln.get_config(arg)
@@ -494,18 +495,49 @@ def test_collapse_inversion_and_scale_growth_are_flagged(tmp_path):
     assert not healthy["collapsed"] and healthy["dln_scale_growth"] == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("variant", ["digits", "mnist_5k", "mnist1d", "mnist1d_cnn", "cifar10",
-                                     "cifar100", "fake_cifar10"])
+VARIANTS = ["digits", "mnist_5k", "mnist1d", "mnist1d_cnn", "cifar10", "cifar100",
+            "fake_cifar10"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_every_config_variant_validates_with_the_released_defaults(variant):
-    config = l2t_dln.get_config(variant)
+    config = l2t_dln.get_config(variant + ",released")
     train.validate_config(config)
     d = config.dln
     assert (d.unroll_steps, d.val_batch_size, d.step_size, d.learning_rate) == (15, 100, 1e-3, 1e-3)
+    assert (d.init, d.preserve_scale, d.accept) == ("released", False, "always")
     assert (config.optimizer.name, config.optimizer.learning_rate) == ("sgd", 0.1)
     assert config.train.batch_size == 25
     if variant.startswith(("cifar", "fake_cifar")):
         assert config.student.name == "resnet_wide" and d.protocol == "redraw"
         assert config.train.num_steps == 10 * 250 * 15  # 10 outer loops x 250 iterations
+    # `warm` keeps its meaning: the released set-up with the DLN warm-started.
+    warm = l2t_dln.get_config(variant + ",released,warm")
+    assert warm.dln.init == "warm" and warm.optimizer == config.optimizer
+    warm.dln.init = "released"
+    assert warm.to_dict() == config.to_dict()
+
+
+# The student rate dev error selects for the recommended recipe (docs/l2t_dln.md).
+RECOMMENDED_RATE = {"digits": 1.0, "mnist_5k": 0.1, "mnist1d": 1.0, "mnist1d_cnn": 1.0,
+                    "cifar10": 0.1, "cifar100": 0.1, "fake_cifar10": 0.1}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_defaults_are_the_recommended_recipe(variant):
+    config = l2t_dln.get_config(variant + ",noisy")
+    train.validate_config(config)
+    d, released = config.dln, l2t_dln.get_config(variant + ",noisy,released")
+    assert (d.init, d.warm_target, d.preserve_scale, d.accept) == (
+        "warm", "soft_margin", True, "proper")
+    assert (config.optimizer.name, config.optimizer.learning_rate) == (
+        "sgd", RECOMMENDED_RATE[variant])
+    # Nothing else differs from the released set-up.
+    for section, fields in (("dln", ("init", "preserve_scale", "accept")),
+                            ("optimizer", ("learning_rate",))):
+        for field in fields:
+            released[section][field] = config[section][field]
+    assert released.to_dict() == config.to_dict()
 
 
 def test_teacher_reads_the_meta_dev_split_not_the_selection_dev():

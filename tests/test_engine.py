@@ -276,3 +276,59 @@ def test_each_step_draws_a_fresh_key_for_augmentation():
     final, metrics = engine.unroll(step_fn, meta_params, state, same_batch)
     assert len(set(np.asarray(metrics["loss"]).round(6).tolist())) == 4
     assert not np.array_equal(final.rng, state.rng)
+
+
+def test_a_student_state_from_given_parameters_is_an_initialised_one():
+    model = build_student(ml_collections.ConfigDict({"name": "mlp", "hidden": (4,)}),
+                          NUM_CLASSES)
+    tx = optax.adam(0.01)
+    stats = {"running": jnp.asarray(1.5), "count": jnp.asarray(3, jnp.int32)}
+    state = engine.init_student_state(model, tx, jax.random.PRNGKey(0),
+                                      jnp.zeros((2, NUM_FEATURES)), stats)
+    chex.assert_trees_all_equal(
+        engine.StudentState.create(state.params, state.rng, tx=tx, stats=stats), state)
+    carried = engine.StudentState.create(state.params, state.rng, opt_state=state.opt_state,
+                                         step=7)
+    chex.assert_trees_all_equal(carried.opt_state, state.opt_state)
+    assert carried.step.dtype == jnp.int32 and int(carried.step) == 7
+    assert carried.stats == {} and carried.model_state == {}
+    for optimizer in ({}, {"tx": tx, "opt_state": state.opt_state}):
+        with pytest.raises(ValueError, match="needs tx .* or opt_state"):
+            engine.StudentState.create(state.params, state.rng, **optimizer)
+
+
+def test_a_students_floating_stats_take_its_parameters_dtype(x64):
+    stats = {"loss": jnp.asarray(0.1, jnp.float32), "count": jnp.asarray(3, jnp.int32)}
+    for dtype in (jnp.float64, jnp.float32):
+        params = {"w": jnp.ones(3, dtype)}
+        created = engine.StudentState.create(params, jax.random.PRNGKey(0),
+                                             tx=optax.sgd(0.1), stats=stats)
+        assert created.stats["loss"].dtype == dtype
+        assert created.stats["count"].dtype == jnp.int32
+
+
+def test_loss_metrics_are_reported_with_the_step_and_change_nothing_else():
+    model = build_student(ml_collections.ConfigDict({"name": "mlp", "hidden": (4,)}),
+                          NUM_CLASSES)
+    tx = optax.sgd(0.1)
+    batch = {"x": jnp.linspace(-1, 1, 3 * NUM_FEATURES).reshape(3, NUM_FEATURES),
+             "y": jnp.array([0, 1, 2])}
+    state = engine.init_student_state(model, tx, jax.random.PRNGKey(0), batch["x"])
+    meta_params = {"class_weight": jnp.zeros(NUM_CLASSES), "log_temperature": jnp.asarray(0.5)}
+
+    def describe(mp, output, seen, s):
+        return {"loss/temperature": jnp.exp(mp["log_temperature"]),
+                "loss/mean_logit": output.logits.mean()}
+
+    plain = jax.jit(engine.make_student_step(model, weighted_tempered_ce, tx))
+    described = jax.jit(engine.make_student_step(model, weighted_tempered_ce, tx,
+                                                 loss_metrics_fn=describe))
+    plain_state, plain_metrics = plain(meta_params, state, batch)
+    new_state, step_metrics = described(meta_params, state, batch)
+    chex.assert_trees_all_equal(new_state, plain_state)
+    assert set(step_metrics) == set(plain_metrics) | {"loss/temperature", "loss/mean_logit"}
+    for name, value in plain_metrics.items():
+        assert step_metrics[name] == value
+    np.testing.assert_allclose(step_metrics["loss/temperature"], np.exp(0.5), rtol=1e-6)
+    logits = model.apply({"params": state.params}, batch["x"], train=False)
+    np.testing.assert_allclose(step_metrics["loss/mean_logit"], logits.mean(), rtol=1e-5)

@@ -13,6 +13,7 @@ from l2t_jax.methods import (
     dln,  # noqa: F401
     one,  # noqa: F401
     robust,  # noqa: F401
+    transfer,  # noqa: F401
 )
 from l2t_jax.methods.base import (
     EvaluatedLoop,

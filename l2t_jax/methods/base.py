@@ -144,7 +144,8 @@ class Method:
         description: one line, for ``python -m launch.methods``.
         example: a config that runs it, ``configs/x.py:arg``.
         build: ``build(config, splits, rng) -> Plan``.
-        sections: the config sections it reads besides the common ones (``"teacher"``,
+        sections: the config sections (or top-level fields, ``"loss_from"``) it reads
+            besides the common ones (``"teacher"``,
             ``"dln"``, ``"gce"``, ...); a missing one is reported in one line.
         validate: ``validate(config)`` raises a one-line `ConfigError` for a bad
             section (called after the sections are known to exist).
@@ -197,6 +198,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ConfigError: an unknown method, a missing section or a bad field, in one line.
     """
     method = get(config.method)
+    readers = [name for name in names() if "loss_from" in get(name).sections]
+    if config.get("loss_from") and method.name not in readers:
+        raise ConfigError(f"config.loss_from is read only by config.method in {readers}, "
+                          f"not by {method.name!r}; set --config.method={readers[0]}")
     for section in method.sections:
         if section not in config:
             raise ConfigError(f"method {method.name!r} needs a config.{section} section "

@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import flax
 import flax.linen as nn
 import jax
 import ml_collections
+import numpy as np
 import optax
 
 from l2t_jax import config_checks as checks
@@ -46,29 +48,103 @@ TEACHER_PARAMS_FILE = "teacher_params.npz"
 TEACHER_DIR = "teacher"
 
 
-def make_dlf_loss_fn(teacher: Any, total_steps: int,
-                     features_grad: bool = False) -> engine.LossFn:
+def _features_reader(teacher: Any, total_steps: int, features_grad: bool,
+                     features_fn: teachers.FeaturesFn | None,
+                     feature_subset: Sequence[str | int] | None):
+    """``features(output, batch, state) -> s_t`` as the teacher reads it (see
+    `make_dlf_loss_fn`)."""
+    if features_fn is not None and feature_subset is not None:
+        raise ValueError("make_dlf_loss_fn takes features_fn or feature_subset, not both "
+                         "(select the features inside features_fn)")
+    indices = None if feature_subset is None else teachers.feature_indices(feature_subset)
+    if indices == tuple(range(teachers.NUM_FEATURES)):
+        indices = None  # all, in order: no gather (the default program, bit for bit)
+    compute = teachers.student_features if features_fn is None else features_fn
+
+    def features(output, batch, state):
+        s_t = compute(state, output.logits, batch["y"], total_steps, teacher.num_classes)
+        if indices is not None:
+            s_t = s_t[np.asarray(indices)]
+        return s_t if features_grad else jax.lax.stop_gradient(s_t)
+
+    return features
+
+
+def make_dlf_loss_fn(teacher: Any, total_steps: int, features_grad: bool = False, *,
+                     features_fn: teachers.FeaturesFn | None = None,
+                     feature_subset: Sequence[str | int] | None = None) -> engine.LossFn:
     """The student's loss under a state-feature teacher, reading s_t from the state and batch.
 
     Args:
         teacher: the teacher's structure
-            (``teacher.student_loss(params, s_t, output, batch)``).
+            (``teacher.student_loss(params, s_t, output, batch)``); it reads s_t of the
+            length `feature_size` gives.
         total_steps: the training length the iteration-fraction feature refers to.
         features_grad: let gradients flow through s_t (the demo stops them).
+        features_fn: computes s_t instead of `teachers.student_features` (same
+            signature, `teachers.FeaturesFn`); it may read any of the student's stats.
+        feature_subset: the teacher reads only these of `teachers.student_features`
+            (names from `teachers.FEATURE_NAMES` or indices, in this order); None: all.
+            Not with `features_fn` (select inside it).
 
     Returns:
         ``loss_fn(teacher_params, output, batch, state)``.
+
+    Raises:
+        ConfigError: a bad `feature_subset` (`teachers.feature_indices`).
+        ValueError: both `features_fn` and `feature_subset`.
     """
+    features = _features_reader(teacher, total_steps, features_grad, features_fn,
+                                feature_subset)
 
     def loss_fn(teacher_params, output, batch, state):
-        features = teachers.student_features(
-            state, output.logits, batch["y"], total_steps, teacher.num_classes
-        )
-        if not features_grad:
-            features = jax.lax.stop_gradient(features)
-        return teacher.student_loss(teacher_params, features, output, batch)
+        return teacher.student_loss(teacher_params, features(output, batch, state),
+                                    output, batch)
 
     return loss_fn
+
+
+def make_dlf_metrics_fn(teacher: Any, total_steps: int, *,
+                        features_fn: teachers.FeaturesFn | None = None,
+                        feature_subset: Sequence[str | int] | None = None
+                        ) -> engine.LossMetricsFn | None:
+    """The loss parameters the teacher sets at each step, as the step's metrics.
+
+    Args:
+        teacher: the teacher's structure; ``teacher.describe(params, s_t)`` gives the
+            scalars (`teachers.DLFTeacher.describe`: ``dlf/gate``, ``dlf/mix``, ...).
+        total_steps, features_fn, feature_subset: as for the `make_dlf_loss_fn` of
+            the same student, so that the teacher is described at the s_t it reads.
+
+    Returns:
+        ``metrics_fn(teacher_params, output, batch, state) -> {name: scalar}`` for
+        `engine.make_student_step` (``loss_metrics_fn``); None for a teacher without
+        ``describe``.
+    """
+    if not hasattr(teacher, "describe"):
+        return None
+    features = _features_reader(teacher, total_steps, False, features_fn, feature_subset)
+
+    def metrics_fn(teacher_params, output, batch, state):
+        return teacher.describe(teacher_params, features(output, batch, state))
+
+    return metrics_fn
+
+
+def feature_size(feature_subset: Sequence[str | int] | None = None) -> int:
+    """The length of the s_t a teacher reads: of `feature_subset`, or all the features."""
+    if feature_subset is None:
+        return teachers.NUM_FEATURES
+    return len(teachers.feature_indices(feature_subset))
+
+
+def configured_features(config: ml_collections.ConfigDict) -> tuple[str, ...] | None:
+    """``config.teacher.features``, or None when it is absent (a saved config from before
+    the field) or names every feature in order (nothing to select)."""
+    subset = config.teacher.get("features")
+    if subset is None or tuple(subset) == teachers.FEATURE_NAMES:
+        return None
+    return tuple(subset)
 
 
 @flax.struct.dataclass
@@ -114,6 +190,8 @@ class EpisodicTeacherTraining:
         features_grad: see `make_dlf_loss_fn`.
         augment: augmentation kind.
         feature_dev_size: dev examples the dev-error feature reads.
+        feature_subset: the features the teacher reads (see `make_dlf_loss_fn`);
+            None: all.
         population: students per episode and their mesh (default: one student).
         activations, target_model, target_activations, self_target: what the loss reads
             besides the logits, as in `teaching.Teaching` (distillation:
@@ -136,8 +214,9 @@ class EpisodicTeacherTraining:
     target_model: nn.Module | None = None
     target_activations: tuple[str, ...] = ()
     self_target: bool = False
+    feature_subset: tuple[str | int, ...] | None = None
 
-    def _teaching(self, loss_fn) -> Teaching:
+    def _teaching(self, loss_fn, loss_metrics_fn=None) -> Teaching:
         """The same student step and batches as the teaching phase (one place)."""
         return Teaching(self.model, self.tx, loss_fn, self.augment, self.steps_per_call,
                         self.batch_size, self.stats_builder,
@@ -145,7 +224,7 @@ class EpisodicTeacherTraining:
                         feature_dev_size=self.feature_dev_size,
                         activations=self.activations, target_model=self.target_model,
                         target_activations=self.target_activations,
-                        self_target=self.self_target)
+                        self_target=self.self_target, loss_metrics_fn=loss_metrics_fn)
 
     def init(self, rng: jax.Array, splits: data.Splits,
              start: engine.StudentState | None = None,
@@ -188,10 +267,16 @@ class EpisodicTeacherTraining:
         """One episode: unroll T steps, exact meta-gradient, guarded teacher update.
 
         With a population: P unrolls in one vmapped program, the meta-gradient and
-        objective averaged over them; the inner metrics are (P, T).
+        objective averaged over them; the inner metrics are (P, T), with the teacher's
+        ``describe`` scalars (``dlf/...``) beside the student's.
         """
-        loss_fn = make_dlf_loss_fn(self.teacher, self.steps_per_call, self.features_grad)
-        step_fn = self._teaching(loss_fn).step_fn(batches, state.target_variables)
+        subset = self.feature_subset
+        loss_fn = make_dlf_loss_fn(self.teacher, self.steps_per_call, self.features_grad,
+                                   feature_subset=subset)
+        metrics_fn = make_dlf_metrics_fn(self.teacher, self.steps_per_call,
+                                         feature_subset=subset)
+        step_fn = self._teaching(loss_fn, metrics_fn).step_fn(batches,
+                                                              state.target_variables)
         start = state.start
         if self.restart == "fresh":
             start = self._student_init(
@@ -235,7 +320,7 @@ def teaching_checks(config: ml_collections.ConfigDict) -> list:
 
 
 def validate_teaching(config: ml_collections.ConfigDict, taught_name: str, fixed_name: str,
-                      checks: list) -> None:
+                      checks: list, reads_feature_subset: bool = False) -> None:
     """Validates a state-feature teacher method's ``teacher`` section.
 
     Args:
@@ -243,10 +328,18 @@ def validate_teaching(config: ml_collections.ConfigDict, taught_name: str, fixed
         taught_name: the method that trains the teacher (episodes or online).
         fixed_name: the method of the same loss at the untaught teacher.
         checks: the teacher's own ``(ok, message)`` checks, tested first.
+        reads_feature_subset: the method's teacher reads ``config.teacher.features``
+            (its input size is `feature_size`); otherwise the field must name every
+            feature.
     """
     t = config.teacher
     taught = config.method == taught_name
     base.check_fields(checks + teaching_checks(config))
+    if not reads_feature_subset and configured_features(config) is not None:
+        raise ConfigError(
+            f"config.teacher.features selects the l2t-dlf teacher's features only; "
+            f"{config.method}'s teacher reads all of them: set it to "
+            f"{teachers.FEATURE_NAMES}")
     teaching.validate_population_size(
         config, "teacher", trains_population=taught and t.num_episodes > 0,
         what=f"the teacher's episodes (config.teacher.num_episodes >= 1 with method "
@@ -276,15 +369,22 @@ def build_teacher(config: ml_collections.ConfigDict, num_classes: int) -> teache
     with, so that its pictures can still be drawn.
     """
     t = config.teacher
-    return teachers.DLFTeacher(t.form, num_classes, teachers.NUM_FEATURES, t.hidden,
-                               t.combine, t.bilinear_scale, t.get("gate_init_scale", 0.0))
+    return teachers.DLFTeacher(t.form, num_classes, feature_size(configured_features(config)),
+                               t.hidden, t.combine, t.bilinear_scale,
+                               t.get("gate_init_scale", 0.0))
 
 
 def dlf_checks(config: ml_collections.ConfigDict) -> list:
     """The ``(ok, message)`` checks of the DLF teacher's own fields."""
     t = config.teacher
+    features = t.get("features", teachers.FEATURE_NAMES)
     return [
         checks.one_of("config.teacher.form", t.form, teachers.TEACHER_FORMS),
+        (isinstance(features, tuple | list) and len(features) > 0
+         and all(isinstance(f, str) and f in teachers.FEATURE_NAMES for f in features)
+         and len(set(features)) == len(features),
+         f"config.teacher.features must be a non-empty tuple of distinct names from "
+         f"{teachers.FEATURE_NAMES}, got {features!r}"),
         checks.integer("config.teacher.hidden", t.hidden, note=" (the mlp form's width)"),
         checks.flag("config.teacher.combine", t.combine),
         checks.number("config.teacher.bilinear_scale", t.bilinear_scale, above=0),
@@ -321,6 +421,7 @@ def build_episodic(config: ml_collections.ConfigDict, splits: data.Splits,
         augment=config.data.augment,
         feature_dev_size=t.feature_dev_size,
         population=teaching.build_population(config, "teacher", config.train.batch_size),
+        feature_subset=configured_features(config),
         **teaching.loss_reads(target, activations, self_target),
     )
 
@@ -335,8 +436,12 @@ def build_taught_student(config: ml_collections.ConfigDict, splits: data.Splits,
     t = config.teacher
     online = taught and t.teach_online
     model = students.build_student(config.student, splits.num_classes)
+    subset = configured_features(config)
     return teaching.student_teaching(
-        config, splits, make_dlf_loss_fn(teacher, config.train.num_steps, t.features_grad),
+        config, splits, make_dlf_loss_fn(teacher, config.train.num_steps, t.features_grad,
+                                         feature_subset=subset),
+        loss_metrics_fn=make_dlf_metrics_fn(teacher, config.train.num_steps,
+                                            feature_subset=subset),
         model=model,
         steps_per_call=t.online_window if online else config.train.log_every,
         stats_builder=stats_builder(config, model),
@@ -422,6 +527,10 @@ def draw_dlf_loss(config: ml_collections.ConfigDict, workdir: str, records: list
     params = load_params(params_path)
     num_classes = params["W"].shape[0]
     states = plots.dlf_states_from_metrics(records, config.train.num_steps, num_classes)
+    subset = configured_features(config)
+    if subset is not None:  # the features the teacher reads
+        indices = list(teachers.feature_indices(subset))
+        states = [(step, s[indices]) for step, s in states]
     path = os.path.join(workdir, "dlf_loss.png")
     plots.plot_dlf_loss(build_teacher(config, num_classes), params, states, path,
                         plots.run_title(summary))
@@ -461,7 +570,8 @@ def _build(taught: bool):
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks the ``teacher`` section of ``l2t-dlf`` and ``l2t-dlf-fixed``."""
-    validate_teaching(config, "l2t-dlf", "l2t-dlf-fixed", dlf_checks(config))
+    validate_teaching(config, "l2t-dlf", "l2t-dlf-fixed", dlf_checks(config),
+                      reads_feature_subset=True)
 
 
 base.register(

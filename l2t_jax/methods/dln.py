@@ -595,13 +595,13 @@ base.register(
         name="l2t-dln",
         description="L2T-DLN: an LSTM teacher updates the student's loss network while "
                     "the student trains (second-order meta-gradients through K steps)",
-        example="configs/l2t_dln.py:digits,noisy,warm",
+        example="configs/l2t_dln.py:digits,noisy",
         build=build_taught, sections=("dln",), validate=_validate(taught=True),
         draw=draw_dln_loss),
     base.Method(
         name="l2t-dln-fixed",
         description="the L2T-DLN loss network frozen at its initialisation (released or "
                     "warm-started)",
-        example="configs/l2t_dln.py:digits,noisy,warm",
+        example="configs/l2t_dln.py:digits,noisy",
         build=build_fixed, sections=("dln",), validate=_validate(taught=False)),
 )

@@ -61,18 +61,9 @@ class TeacherUpdate:
     on_nonfinite: str = "skip"
 
     def dev_objective_fn(self, model: nn.Module, dev: dict) -> engine.Objective:
-        """The objective of a trained student on the dev arrays ``dev["x"], dev["y"]``."""
-
-        def objective(meta_params, final: engine.StudentState):
-            del meta_params
-            logits, _ = engine.apply_student(
-                model, final.params, final.model_state, dev["x"], train=False
-            )
-            error = (logits.argmax(-1) != dev["y"]).mean()
-            value = objectives.dev_objective(self.objective, logits, dev["y"], self.sharpness)
-            return value, {"dev_error": error}
-
-        return objective
+        """The objective of a trained student on the dev arrays ``dev["x"], dev["y"]``
+        (`objectives.dev_objective_fn` with this update's objective and sharpness)."""
+        return objectives.dev_objective_fn(model, dev, self.objective, self.sharpness)
 
     def apply(self, teacher: Any, opt_state: Any, result: engine.MetaGradient):
         """One guarded teacher step from a meta-gradient.
@@ -153,6 +144,9 @@ class Teaching:
         target_activations: the target model's activations the loss reads.
         self_target: the loss reads the student's own output as ``batch["target"]``
             (`engine.make_student_step`).
+        loss_metrics_fn: scalars that describe the step's loss (e.g. the loss
+            parameters a teacher set), reported with the step's metrics
+            (`engine.LossMetricsFn`); None: none.
     """
 
     model: nn.Module
@@ -169,6 +163,7 @@ class Teaching:
     target_model: nn.Module | None = None
     target_activations: tuple[str, ...] = ()
     self_target: bool = False
+    loss_metrics_fn: engine.LossMetricsFn | None = None
 
     def init(self, rng: jax.Array, splits: data.Splits, loss_params: Any = None,
              start: engine.StudentState | None = None,
@@ -227,7 +222,8 @@ class Teaching:
                                         self.target_activations)
         return engine.make_student_step(self.model, self.loss_fn, self.tx, augment, stats_fn,
                                         activations=self.activations, target=target,
-                                        self_target=self.self_target)
+                                        self_target=self.self_target,
+                                        loss_metrics_fn=self.loss_metrics_fn)
 
     def outer_step(self, state: TeachingState, batches: dict):
         """Trains `steps_per_call` steps (and updates a learning loss teacher)."""
@@ -336,10 +332,12 @@ def pretrained_start(model: nn.Module, tx: optax.GradientTransformation, rng: ja
     step_fn = pretrain.step_fn(batches)
 
     def pretrained(student, train):
+        # The fresh students' stats (`stats` at the students' precision, as every
+        # student's: `engine.StudentState.create`), not the ones pre-training left.
+        initial_stats = student.stats
         student = engine.unroll(step_fn, None, student, train)[0]
         return student.replace(step=jax.numpy.zeros_like(student.step),
-                               opt_state=tx.init(student.params),
-                               stats=student.stats if stats is None else stats)
+                               opt_state=tx.init(student.params), stats=initial_stats)
 
     return jax.jit(population.vmap(pretrained))(start, batches["train"])
 

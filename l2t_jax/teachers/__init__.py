@@ -4,6 +4,8 @@ from l2t_jax.teachers.dlf import TEACHER_FORMS, DLFTeacher
 from l2t_jax.teachers.features import (
     FEATURE_NAMES,
     NUM_FEATURES,
+    FeaturesFn,
+    feature_indices,
     initial_stats,
     make_stats_fn,
     student_features,
@@ -11,6 +13,6 @@ from l2t_jax.teachers.features import (
 from l2t_jax.teachers.weights import WeightTeacher
 
 __all__ = [
-    "DLFTeacher", "FEATURE_NAMES", "NUM_FEATURES", "TEACHER_FORMS", "initial_stats",
-    "make_stats_fn", "student_features", "WeightTeacher",
+    "DLFTeacher", "FEATURE_NAMES", "FeaturesFn", "NUM_FEATURES", "TEACHER_FORMS",
+    "feature_indices", "initial_stats", "make_stats_fn", "student_features", "WeightTeacher",
 ]

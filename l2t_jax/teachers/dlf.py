@@ -87,12 +87,15 @@ class DLFTeacher:
             params["mix_logit"] = jnp.zeros((), dtype)
         return params
 
+    def gate(self, params: dict, features: jax.Array) -> jax.Array:
+        """The ``"state_gate"`` form's h_t = 2 sigmoid(theta . s_t + b2) - 1 in (-1, 1)."""
+        return 2 * jax.nn.sigmoid(params["theta"] @ features + params["b2"]) - 1
+
     def loss_parameters(self, params: dict, features: jax.Array):
         """Maps s_t to ``(W_t (C, C), b_t (C,), a_t scalar)``."""
         weight, bias = params["W"], params["b"]
         if self.form == "state_gate":
-            gate = 2 * jax.nn.sigmoid(params["theta"] @ features + params["b2"]) - 1
-            weight = weight + gate * params["W2"]
+            weight = weight + self.gate(params, features) * params["W2"]
         elif self.form == "mlp":
             mlp = params["mlp"]
             out = jnp.tanh(features @ mlp["w1"] + mlp["b1"]) @ mlp["w2"] + mlp["b2"]
@@ -101,6 +104,30 @@ class DLFTeacher:
             bias = bias + out[c * c :]
         mix = jax.nn.sigmoid(params["mix_logit"]) if self.combine else 0.0
         return weight, bias, mix
+
+    def describe(self, params: dict, features: jax.Array) -> dict[str, jax.Array]:
+        """Scalars that describe the loss the teacher sets at s_t (logged per step).
+
+        Args:
+            params: the teacher's parameters.
+            features: s_t, (num_features,).
+
+        Returns:
+            ``dlf/W_diag_mean`` and ``dlf/W_offdiag_mean`` (the means of W_t's diagonal
+            and off-diagonal entries: 1 and 0 untaught), ``dlf/b_mean``, and with the
+            form or option that has them ``dlf/gate`` (h_t) and ``dlf/mix`` (a_t).
+        """
+        weight, bias, mix = self.loss_parameters(params, features)
+        c = self.num_classes
+        diag = jnp.trace(weight) / c
+        scalars = {"dlf/W_diag_mean": diag,
+                   "dlf/W_offdiag_mean": (jnp.sum(weight) - c * diag) / (c * (c - 1)),
+                   "dlf/b_mean": jnp.mean(bias)}
+        if self.form == "state_gate":
+            scalars["dlf/gate"] = self.gate(params, features)
+        if self.combine:
+            scalars["dlf/mix"] = mix
+        return scalars
 
     def loss(self, params: dict, features: jax.Array, logits: jax.Array,
              labels: jax.Array) -> jax.Array:

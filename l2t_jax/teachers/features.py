@@ -8,29 +8,77 @@ Four features, each normalised to roughly [0, 1]:
 2. running train cross-entropy (exponential moving average over steps) / log(C).
 3. dev error at the last evaluation (every ``dev_every`` steps, on a fixed dev subset).
 
-Features 2 and 3 live in `StudentState.stats`, updated by `make_stats_fn`.
+Features 2 and 3 live in `StudentState.stats`, updated by `make_stats_fn`. A teacher may
+read a subset of them (`feature_indices`, ``config.teacher.features``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from l2t_jax import engine
+from l2t_jax.config_checks import is_integer
+from l2t_jax.errors import ConfigError
 
 NUM_FEATURES = 4
 FEATURE_NAMES = ("iteration_fraction", "minibatch_error", "train_loss", "dev_error")
+# features_fn(state, logits, labels, total_steps, num_classes) -> s_t, as `student_features`.
+FeaturesFn = Callable[[engine.StudentState, jax.Array, jax.Array, int, int], jax.Array]
 
 
-def initial_stats(num_classes: int) -> dict:
-    """Stats of an untrained student: chance-level loss and error."""
+def initial_stats(num_classes: int, dtype=None) -> dict:
+    """Stats of an untrained student: chance-level loss and error.
+
+    Args:
+        num_classes: C.
+        dtype: the stats' dtype; default the widest float JAX computes in (float64
+            under ``jax_enable_x64``, else float32). A student takes them in its own
+            parameters' dtype (`engine.StudentState.create`), so that a float64
+            student's features (and meta-gradients) are float64 and a float32
+            student's float32.
+
+    Returns:
+        ``{"train_loss": log C, "dev_error": 1 - 1 / C}``, scalars of `dtype`.
+    """
+    if dtype is None:
+        dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
     return {
-        "train_loss": jnp.asarray(math.log(num_classes), jnp.float32),
-        "dev_error": jnp.asarray(1.0 - 1.0 / num_classes, jnp.float32),
+        "train_loss": jnp.asarray(math.log(num_classes), dtype),
+        "dev_error": jnp.asarray(1.0 - 1.0 / num_classes, dtype),
     }
+
+
+def feature_indices(subset: Sequence[str | int]) -> tuple[int, ...]:
+    """The positions in s_t of a subset of the features, in the order given.
+
+    Args:
+        subset: names from `FEATURE_NAMES` or indices into them (0 to
+            ``NUM_FEATURES - 1``); non-empty, without repeats.
+
+    Returns:
+        The indices, e.g. ``(0, 3)`` for ``("iteration_fraction", "dev_error")``.
+
+    Raises:
+        ConfigError: an unknown name, an index out of range, a repeat, or no feature.
+    """
+    indices = []
+    for item in subset:
+        if isinstance(item, str) and item in FEATURE_NAMES:
+            indices.append(FEATURE_NAMES.index(item))
+        elif is_integer(item) and 0 <= item < NUM_FEATURES:
+            indices.append(int(item))
+        else:
+            raise ConfigError(f"unknown student feature {item!r}; choose names from "
+                              f"{FEATURE_NAMES} or indices 0-{NUM_FEATURES - 1}")
+    if not indices or len(set(indices)) != len(indices):
+        raise ConfigError(f"a feature subset needs at least one feature and no repeats, "
+                          f"got {tuple(subset)!r}")
+    return tuple(indices)
 
 
 def student_features(
