@@ -51,7 +51,7 @@ def bench(name: str, remat_policy: str, repeats: int, threads: int) -> dict:
     from l2t_jax.methods import dln
 
     variant, input_shape, num_classes = STUDENTS[name]
-    config = l2t_dln.get_config(variant)
+    config = l2t_dln.get_config(variant + ",released")
     config.engine.remat = remat_policy
     splits = _splits(input_shape, num_classes)
     method = dln.build_dln_teaching(config, splits)

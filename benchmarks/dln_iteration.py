@@ -1,6 +1,6 @@
 """One full L2T-DLN iteration (stages A, B, C): l2t_jax against a PyTorch implementation.
 
-Shapes of the released MNIST set-up (`configs/l2t_dln.py:mnist_5k`): the LeNet with
+Shapes of the released MNIST set-up (`configs/l2t_dln.py:mnist_5k,released`): the LeNet with
 BatchNorm, conv 20/50 and FC 800-800-500-10 (1,072,020 parameters), 28x28x1 inputs,
 K = 15 SGD steps (lr 0.1) on batches of 25, a validation batch of 100, the DLN
 4-40-40-40-40-1 (5,000 weights) and the coordinate-wise LSTM teacher 2-64-64-64-1
@@ -57,7 +57,7 @@ def make_jax(data: dict):
 
     from configs import l2t_dln
 
-    config = l2t_dln.get_config("mnist_5k")
+    config = l2t_dln.get_config("mnist_5k,released")
     splits = types.SimpleNamespace(
         num_classes=NUM_CLASSES, train=types.SimpleNamespace(x=data["x"][0]))
     method = build_dln_teaching(config, splits)

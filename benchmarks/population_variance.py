@@ -5,7 +5,7 @@ On digits with 40% training-label noise, for the two methods' own configs:
 
 * L2T-DLF (``configs/l2t_dlf.py:digits,noisy``): the teacher's exact meta-gradient of one
   episode (T = 150 steps from a fresh student, own data order), per student.
-* L2T-DLN (``configs/l2t_dln.py:digits,noisy,warm``): stage A's hypergradient
+* L2T-DLN (``configs/l2t_dln.py:digits,noisy,released,warm``): stage A's hypergradient
   d CE_val / d phi through K = 15 steps (what the LSTM teacher reads), per student,
   on the iteration's shared validation batch.
 
@@ -115,7 +115,7 @@ def dlf_records(updates: int) -> list[dict]:
 
 
 def dln_records(updates: int) -> list[dict]:
-    config = l2t_dln.get_config("digits,noisy,warm")
+    config = l2t_dln.get_config("digits,noisy,released,warm")
     config.dln.population_size = NUM_STUDENTS
     splits = data.load_splits(config.data)
     method = dln.build_dln_teaching(config, splits)
