@@ -39,7 +39,12 @@ def dev_objective(name: str, logits: jax.Array, labels: jax.Array,
         return smoothed_error(logits, labels, sharpness)
     if name == "cross_entropy":
         return mean_cross_entropy(logits, labels)
-    raise ConfigError(f"unknown config.teacher.objective {name!r}; choose one of {DEV_OBJECTIVES}")
+    raise _unknown_objective(name)
+
+
+def _unknown_objective(name: str) -> ConfigError:
+    return ConfigError(f"unknown config.teacher.objective {name!r}; choose one of "
+                       f"{DEV_OBJECTIVES}")
 
 
 def dev_objective_fn(model: nn.Module, dev: dict, name: str = "smoothed_error",
@@ -61,8 +66,7 @@ def dev_objective_fn(model: nn.Module, dev: dict, name: str = "smoothed_error",
         ConfigError: an unknown `name`.
     """
     if name not in DEV_OBJECTIVES:
-        raise ConfigError(
-            f"unknown config.teacher.objective {name!r}; choose one of {DEV_OBJECTIVES}")
+        raise _unknown_objective(name)
 
     def objective(meta_params, final: engine.StudentState):
         del meta_params

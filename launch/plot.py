@@ -12,11 +12,11 @@ update magnitudes and the DLN's margin); `python -m launch.methods` lists the me
 import json
 import os
 
-import ml_collections
 from absl import flags
 
 import launch
 from l2t_jax import methods, metrics, plots, train
+from l2t_jax import workdir as run_workdir
 from l2t_jax.errors import ConfigError
 from launch import cli
 
@@ -43,8 +43,7 @@ def main(argv):
     if not os.path.isdir(workdir):
         raise ConfigError(f"--workdir {workdir} is not a directory; point it at a run's "
                           "--workdir")
-    config = ml_collections.ConfigDict(_read_json(
-        os.path.join(workdir, train.CONFIG_FILE), "launch.train writes it at the start"))
+    config = run_workdir.read_config(workdir)
     method = methods.get(config.get("method", ""))
     records = metrics.read_metrics(workdir)
     if not records:

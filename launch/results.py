@@ -272,7 +272,8 @@ def method_config(dataset: str, method: str, noise: float = 0.0, extra: dict | N
     config = module.get_config(dataset + options)
     config.method = config_method
     if method in TRANSFERS:  # the source's runs, by seed, under the results workdir
-        config.loss_from = os.path.join(*transfer_source(dataset, method, noise))
+        source, row = transfer_source(dataset, method)
+        config.loss_from = os.path.join(f"{source}_noise{noise}", row)
     extra = applicable_overrides(config, extra or {})
     for dotted, value in {**overrides, **extra}.items():
         section, field = dotted.split(".")
@@ -282,8 +283,8 @@ def method_config(dataset: str, method: str, noise: float = 0.0, extra: dict | N
     return config
 
 
-def transfer_source(dataset: str, method: str, noise: float) -> tuple[str, str]:
-    """``(setting directory, row)`` of a `TRANSFERS` row's source runs on `dataset`.
+def transfer_source(dataset: str, method: str) -> tuple[str, str]:
+    """``(dataset, row)`` of a `TRANSFERS` row's source runs when it runs on `dataset`.
 
     Raises:
         ConfigError: the row has no source for `dataset`.
@@ -292,7 +293,7 @@ def transfer_source(dataset: str, method: str, noise: float) -> tuple[str, str]:
     if dataset not in sources:
         raise ConfigError(f"{method} runs on {sorted(sources)} (from {row} on "
                           f"{sorted(set(sources.values()))}), not on {dataset}")
-    return f"{sources[dataset]}_noise{noise}", row
+    return sources[dataset], row
 
 
 def checked_configs(datasets: list[str], noises: list[str], names: list[str],
@@ -355,9 +356,8 @@ def run_one(config, dataset: str, noise: float, method: str, seed: int) -> dict:
         config.target.workdir = os.path.join(_WORKDIR.value, f"{dataset}_noise{noise}",
                                              TARGET_ROW, f"s{seed}")
     if method in TRANSFERS:  # the source run first (or its finished run, reused)
-        source_setting, row = transfer_source(dataset, method, noise)
-        source_dataset = source_setting.removesuffix(f"_noise{noise}")
-        run_one(method_config(source_dataset, row, noise), source_dataset, noise, row, seed)
+        source, row = transfer_source(dataset, method)
+        run_one(method_config(source, row, noise), source, noise, row, seed)
         config.loss_from = os.path.join(_WORKDIR.value, config.loss_from, f"s{seed}")
     logging.info("running %s noise %s %s seed %d", dataset, noise, method, seed)
     return train.train_and_evaluate(config, workdir)
@@ -437,12 +437,17 @@ def merge_records(path: str, records: list[dict]) -> list[dict]:
     if os.path.exists(path):
         with open(path) as f:
             kept = [r for r in json.load(f) if r["method"] not in replaced]
-    order = {name: i for i, name in enumerate(METHODS)}
-    merged = sorted(kept + records, key=lambda r: (order.get(r["method"], len(order)),
-                                                  r["method"]))
+    merged = in_row_order(kept + records)
     with open(path, "w") as f:
         json.dump(merged, f, indent=2)
     return merged
+
+
+def in_row_order(records: list[dict], first: list[str] = ()) -> list[dict]:
+    """`records` sorted by method: `first`, then in `METHODS` order, then names no longer
+    in it, alphabetically."""
+    order = {name: i for i, name in enumerate(dict.fromkeys([*first, *METHODS]))}
+    return sorted(records, key=lambda r: (order.get(r["method"], len(order)), r["method"]))
 
 
 def read_records(results_dir: str) -> dict[str, list[dict]]:
@@ -470,9 +475,7 @@ def write_reports(out: str) -> str:
         if not records:
             continue
         first = [m for m in PLOT_FIRST if any(r["method"] == m for r in records)]
-        order = {m: i for i, m in enumerate(dict.fromkeys([*first, *METHODS]))}
-        ordered = sorted(records, key=lambda r: (order.get(r["method"], len(order)),
-                                                 r["method"]))
+        ordered = in_row_order(records, first)
         setting = f"{records[0]['dataset']}, noise {records[0]['noise']} ({records[0]['student']})"
         plots.plot_results(ordered, os.path.join(results_dir, f"{name}.png"),
                            f"{setting}: test error (%) at the best dev step", kinds,

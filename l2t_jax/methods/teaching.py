@@ -415,8 +415,7 @@ def student_phase(config: ml_collections.ConfigDict, splits: data.Splits,
 def fixed_loss_plan(config: ml_collections.ConfigDict, splits: data.Splits, rng: jax.Array,
                     loss_fn: engine.LossFn, loss_params: Callable[[jax.Array], PyTree] | None
                     = None, finish=base.no_outputs,
-                    nonfinite_section: str | None = None,
-                    activations: tuple[str, ...] = ()) -> base.Plan:
+                    nonfinite_section: str | None = None, **fields) -> base.Plan:
     """One phase: the student trained under a loss that does not learn.
 
     Args:
@@ -428,11 +427,12 @@ def fixed_loss_plan(config: ml_collections.ConfigDict, splits: data.Splits, rng:
         loss_params: ``loss_params(rng) -> params`` of the loss; None: no parameters.
         finish: see `base.Plan`.
         nonfinite_section: see `base.Phase`.
-        activations: the student's named activations the loss reads.
+        **fields: `Teaching` fields of the student's loop (`student_teaching`), e.g. the
+            student's named activations the loss reads, or the stats it reads.
     """
     loss_rng, student_rng = jax.random.split(rng)
     params = None if loss_params is None else loss_params(loss_rng)
-    teaching = student_teaching(config, splits, loss_fn, activations=activations)
+    teaching = student_teaching(config, splits, loss_fn, **fields)
     phase = student_phase(config, splits, teaching, student_rng, lambda finished: params,
                           nonfinite_section=nonfinite_section)
     return base.Plan((phase,), finish)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import ml_collections
 
 from l2t_jax import students
@@ -37,13 +36,7 @@ def build(config: ml_collections.ConfigDict, splits, rng) -> base.Plan:
         raise ConfigError(f"the loss in {config.loss_from} ({loss.method}) reads a target "
                           "model or the student's activations and does not transfer; "
                           "choose a run of a loss of logits and labels")
-    _, student_rng = jax.random.split(rng)
     model = students.build_student(config.student, splits.num_classes)
-    student = teaching.student_teaching(
-        config, splits, loss.student_loss_fn(config.train.num_steps), model=model,
-        stats_builder=export.stats_builder(loss, model), initial_stats=loss.initial_stats)
-    phase = teaching.student_phase(config, splits, student, student_rng,
-                                   lambda finished: loss.params)
 
     def finish(finished, workdir, summary):
         del finished, summary
@@ -54,7 +47,10 @@ def build(config: ml_collections.ConfigDict, splits, rng) -> base.Plan:
                                      json.dumps(source, indent=2))
         return {"loss_from": source["loss_from"], "loss_method": loss.method}
 
-    return base.Plan((phase,), finish)
+    return teaching.fixed_loss_plan(
+        config, splits, rng, loss.student_loss_fn(config.train.num_steps),
+        lambda loss_rng: loss.params, finish, model=model,
+        stats_builder=export.stats_builder(loss, model), initial_stats=loss.initial_stats)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
