@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import traverse_util
 
+from l2t_jax import mesh
 from l2t_jax.errors import ConfigError
 
 # Where damaged checkpoints go, beside the checkpoint directory (kept, not deleted).
@@ -95,7 +96,9 @@ class Checkpointer:
                 older version of the library, or by another method), or no checkpoint
                 is intact; in one line.
         """
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+        abstract = jax.tree_util.tree_map(
+            lambda leaf: np.asarray(leaf) if _host_local(leaf)
+            else ocp.utils.to_shape_dtype_struct(leaf), state)
         steps = sorted(self._manager.all_steps(), reverse=True)
         for step in steps:
             try:
@@ -103,6 +106,9 @@ class Checkpointer:
             except _Damaged as e:
                 self._quarantine(step, str(e))
                 continue
+            restored = jax.tree_util.tree_map(  # back onto each process's own device
+                lambda leaf, like: jax.device_put(leaf, like.sharding) if _host_local(like)
+                else leaf, restored, state)
             return restored, step, records
         if steps:
             raise ConfigError(
@@ -125,6 +131,8 @@ class Checkpointer:
         records = [dict(r) for r in records]
         payload = {"digest": _digest(state, records), "records": records}
         self._check_space(state, payload)
+        state = jax.tree_util.tree_map(
+            lambda leaf: np.asarray(leaf) if _host_local(leaf) else leaf, state)
         self._manager.save(step, args=ocp.args.Composite(**{
             STATE_ITEM: ocp.args.StandardSave(state),
             RECORDS_ITEM: ocp.args.JsonSave(payload),
@@ -226,10 +234,23 @@ class Checkpointer:
         return os.path.join(os.path.dirname(self._directory), DAMAGED_DIR)
 
 
+def _host_local(leaf: Any) -> bool:
+    """Whether `leaf` is an array on one process's devices in a multi-host run.
+
+    Such a leaf (a single-device student, the best-step record) holds the same value on
+    every process; orbax saves only global arrays, so it is saved and restored as numpy
+    (written once) and put back on each process's own device.
+    """
+    if jax.process_count() == 1 or not isinstance(leaf, jax.Array):
+        return False
+    return len({d.process_index for d in leaf.sharding.device_set}) < jax.process_count()
+
+
 def _digest(state: Any, records: list[dict]) -> str:
     """sha256 over every leaf (path, dtype, shape, bytes, in tree order) and the records."""
     hasher = hashlib.sha256()
-    leaves, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(state))
+    # Whole arrays: a multi-host state is gathered (every process saves and restores it).
+    leaves, _ = jax.tree_util.tree_flatten_with_path(mesh.to_host(state))
     for path, leaf in leaves:
         array = np.asarray(leaf)
         hasher.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}|".encode())

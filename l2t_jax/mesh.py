@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -253,6 +254,25 @@ def host_batch_slice(mesh: Mesh, batch_size: int) -> slice:
     return host_slices(NamedSharding(mesh, P(DATA_AXIS)), (batch_size,))[0]
 
 
+def describe_host_share(mesh: Mesh, population_size: int, batch_size: int) -> str:
+    """One line naming the members and batch examples this process builds and trains.
+
+    Args:
+        mesh: from `make_mesh`.
+        population_size: P, the whole population.
+        batch_size: B, the global batch of one step.
+
+    Returns:
+        E.g. ``"process 1 of 2: population members [4, 8) of 8, examples [0, 24) of
+        each batch of 24"``.
+    """
+    members = host_population_slice(mesh, population_size)
+    examples = host_batch_slice(mesh, batch_size)
+    return (f"process {jax.process_index()} of {jax.process_count()}: population members "
+            f"[{members.start}, {members.stop}) of {population_size}, examples "
+            f"[{examples.start}, {examples.stop}) of each batch of {batch_size}")
+
+
 def global_batches(
     mesh: Mesh,
     local_batches: PyTree,
@@ -287,3 +307,24 @@ def global_batches(
         return jax.make_array_from_process_local_data(sharding, np.asarray(local), tuple(shape))
 
     return jax.tree_util.tree_map(assemble, local_batches)
+
+
+def to_host(tree: PyTree) -> PyTree:
+    """Numpy copies of a pytree's arrays, whole on every process.
+
+    An array that spans other hosts' devices is gathered from them
+    (`multihost_utils.process_allgather`), so in a multi-host run every process must
+    call this with the same tree at the same point; on one host it is `jax.device_get`.
+
+    Args:
+        tree: arrays (global `jax.Array`s, local ones or numpy).
+
+    Returns:
+        The same tree of numpy arrays.
+    """
+    def fetch(leaf):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+        return np.asarray(jax.device_get(leaf))
+
+    return jax.tree_util.tree_map(fetch, tree)

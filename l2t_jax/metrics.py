@@ -27,7 +27,9 @@ class MetricWriter:
     the records saved with that checkpoint: records after S (written by the run that was
     killed, and about to be recomputed) are dropped so that each step appears once, and
     records a crash lost or tore are put back. `records` holds every record of the run
-    (the resumed ones included), to be saved with the next checkpoint.
+    (the resumed ones included), to be saved with the next checkpoint. In a multi-host
+    run only process 0 writes the files (`l2t_jax.workdir.is_writer`); every process
+    keeps `records`.
     """
 
     def __init__(self, workdir: str, resume_step: int = 0, records: list[dict] | None = None):
@@ -42,9 +44,11 @@ class MetricWriter:
         """
         self.path = os.path.join(workdir, METRICS_FILE)
         self.records = self._resumed_records(resume_step, records) if resume_step else []
-        run_workdir.write_atomically(self.path,
-                                     "".join(json.dumps(r) + "\n" for r in self.records))
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._tb = None  # and no files: another process of a multi-host run writes them
+        if run_workdir.is_writer():
+            run_workdir.write_atomically(
+                self.path, "".join(json.dumps(r) + "\n" for r in self.records))
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         """Writes one record: ``{"step": step, **scalars}``.
@@ -54,17 +58,20 @@ class MetricWriter:
             scalars: name -> number (use ``split/name`` to group, e.g. ``dev/error``).
         """
         record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+        self.records.append(record)
+        if self._tb is None:
+            return
         # One write of the whole line (flushed when the file closes), so a crash tears
         # at most the last record, which a resume repairs.
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        self.records.append(record)
         for name, value in scalars.items():
             self._tb.add_scalar(name, float(value), int(step))
 
     def close(self) -> None:
         """Flushes and closes the TensorBoard writer."""
-        self._tb.close()
+        if self._tb is not None:
+            self._tb.close()
 
     def _resumed_records(self, resume_step: int, records: list[dict] | None) -> list[dict]:
         """The records to resume with; warns in one line if the file disagreed."""

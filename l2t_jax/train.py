@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from l2t_jax import checkpoint, data, engine, evaluation, methods, metrics, optimizers
+from l2t_jax import checkpoint, data, engine, evaluation, mesh, methods, metrics, optimizers
 from l2t_jax import config_checks as checks
 from l2t_jax import workdir as run_workdir
 from l2t_jax.errors import ConfigError, DivergenceError
@@ -100,7 +100,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             `l2t_jax.workdir.check`); otherwise such a workdir is refused.
 
     Returns:
-        The summary (also written to ``workdir/summary.json``).
+        The summary (also written to ``workdir/summary.json``). In a multi-host run
+        process 0 writes the run's files and its summary alone has the method's own
+        fields (`methods.Plan.finish`).
 
     Raises:
         ConfigError: a bad config, or a workdir of another config (before anything is
@@ -125,7 +127,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if phase.nonfinite_section:
             skipped[phase.nonfinite_section] = (skipped.get(phase.nonfinite_section, 0)
                                                 + summary.pop(SKIPPED_FIELD))
-    summary.update(plan.finish(finished, workdir, summary))
+    # Whole host copies (gathered from every process of a multi-host run), so that the
+    # method's outputs are written by one process without collectives.
+    finished = mesh.to_host(finished)
+    if run_workdir.is_writer():
+        summary.update(plan.finish(finished, workdir, summary))
     summary = {
         "dataset": config.data.name,
         "noise": f"{config.data.noise_type}:{config.data.noise_rate}",
@@ -138,8 +144,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     }
     if skipped:
         summary[SKIPPED_FIELD] = sum(skipped.values())
-    with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
-        json.dump(summary, f, indent=2)
+    if run_workdir.is_writer():
+        with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
+            json.dump(summary, f, indent=2)
     logging.info(
         "done: test error %.2f%% at the best dev step %d (dev %.2f%%); final test %.2f%%",
         summary["test_error"], summary["best_step"], summary["best_dev_error"],

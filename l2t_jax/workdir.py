@@ -4,7 +4,9 @@
 run (its ``config.json``) may only be resumed by the same config, so that a finished or
 half-done run never silently reports its numbers under different settings. `record`
 writes the config once the run is about to start. `write_atomically` replaces a run's
-file (its config, its metrics) so that a crash never leaves it half-written.
+file (its config, its metrics) so that a crash never leaves it half-written. In a
+multi-host run every process computes, and process 0 alone writes the run's files
+(`is_writer`); orbax writes the checkpoints from all of them.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import ml_collections
 from absl import logging
 from flax import traverse_util
@@ -83,9 +86,17 @@ def check(workdir: str, config: ml_collections.ConfigDict, allow_change: bool = 
                         _describe(old, new, fields))
 
 
+def is_writer() -> bool:
+    """Whether this process writes the run's files: process 0 (the only one on one host)."""
+    return jax.process_index() == 0
+
+
 def record(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Writes `config` as the config of the run in `workdir` (created if missing)."""
+    """Writes `config` as the config of the run in `workdir` (created if missing); only
+    on the writing process (`is_writer`)."""
     os.makedirs(workdir, exist_ok=True)
+    if not is_writer():
+        return
     write_atomically(os.path.join(workdir, CONFIG_FILE), json.dumps(_as_json(config), indent=2))
 
 

@@ -33,6 +33,9 @@ _COORDINATOR = flags.DEFINE_string(
     "Multi-host: host:port of process 0 ('auto': read from the cluster); unset: one process.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: processes in all.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout", distributed.DEFAULT_HEARTBEAT_TIMEOUT,
+    "Multi-host: seconds after which a silent process counts as dead and the others stop.")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False,
     "Continue a run whose workdir was made by another config, with this config (without "
@@ -43,11 +46,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     del argv  # `cli.run` refuses extra arguments
     # Before anything touches JAX's devices.
-    distributed.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                       _PROCESS_ID.value)
+    joined = distributed.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                                _PROCESS_ID.value, _HEARTBEAT_TIMEOUT.value)
     launch.quiet_library_logging()
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
-                             allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+    with distributed.stop_together(joined):
+        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                                 allow_config_change=_ALLOW_CONFIG_CHANGE.value)
 
 
 def entry() -> None:

@@ -297,15 +297,17 @@ def test_initialize_distributed_is_a_no_op_unless_asked(monkeypatch):
     assert distributed.initialize_distributed() is False
     assert calls == []
     assert distributed.initialize_distributed("10.0.0.1:1234", 4, 2) is True
-    assert calls[-1] == (("10.0.0.1:1234", 4, 2), {})
-    assert distributed.initialize_distributed("auto") is True
-    assert calls[-1] == ((), {"num_processes": None, "process_id": None})
+    assert calls[-1] == (("10.0.0.1:1234", 4, 2), {"heartbeat_timeout_seconds": 100})
+    assert distributed.initialize_distributed("auto", heartbeat_timeout=7) is True
+    assert calls[-1] == ((None, None, None), {"heartbeat_timeout_seconds": 7})
     with pytest.raises(ConfigError, match="need --coordinator_address"):
         distributed.initialize_distributed(num_processes=2, process_id=0)
     with pytest.raises(ConfigError, match=r"--process_id must be in \[0, --num_processes=2\)"):
         distributed.initialize_distributed("h:1", 2, 2)
     with pytest.raises(ConfigError, match="--num_processes must be >= 1"):
         distributed.initialize_distributed("h:1", 0, 0)
+    with pytest.raises(ConfigError, match="--heartbeat_timeout must be >= 1"):
+        distributed.initialize_distributed("h:1", 2, 0, heartbeat_timeout=0)
     assert len(calls) == 2
 
 

@@ -302,6 +302,13 @@ def read_tfds(name: str, data_dir: str | None) -> tuple[_XY, _XY]:
     builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
     try:
         builder.download_and_prepare()
+    except FileExistsError:
+        # Another process (a multi-host run's other host, on shared storage) prepared it
+        # at the same time and moved its complete copy into place first (TFDS renames it
+        # there atomically): read that copy.
+        builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+        if not builder.is_prepared():
+            raise
     except (OSError, ImportError) as error:
         message = " ".join(str(error).split())  # Its tail names the cause; keep one line.
         cause = f"{type(error).__name__}: {'...' if len(message) > 150 else ''}{message[-150:]}"

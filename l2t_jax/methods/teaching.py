@@ -20,6 +20,8 @@ import jax
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
+from jax.sharding import Mesh
 
 from l2t_jax import config_checks as checks
 from l2t_jax import data, engine, mesh, objectives, optimizers, students
@@ -476,7 +478,7 @@ def validate_population_size(config: ml_collections.ConfigDict, section: str,
     if size > 1 and not trains_population:
         raise ConfigError(f"config.{section}.population_size > 1 applies to {what} only; "
                           "set it to 1 here")
-    build_population(config, section, config.train.batch_size)  # the mesh fits
+    _population_mesh(config, section, config.train.batch_size)  # the mesh fits
 
 
 def build_population(config: ml_collections.ConfigDict, section: str,
@@ -497,10 +499,19 @@ def build_population(config: ml_collections.ConfigDict, section: str,
     Raises:
         ConfigError: a bad mesh, or P or B that does not split over it.
     """
+    size, device_mesh = _population_mesh(config, section, batch_size)
+    if device_mesh is not None and jax.process_count() > 1:
+        logging.info("%s", mesh.describe_host_share(device_mesh, size, batch_size))
+    return Population(size, device_mesh)
+
+
+def _population_mesh(config: ml_collections.ConfigDict, section: str,
+                     batch_size: int) -> tuple[int, Mesh | None]:
+    """P and the mesh of `build_population` (None: one device), checked."""
     size = config[section].get("population_size", 1)
     spec = config.get("mesh")
     device_mesh = None
     if spec is not None and any(v != 1 for v in dict(spec.items()).values()):
         device_mesh = mesh.make_mesh(spec)
         mesh.check_population_shapes(device_mesh, size, batch_size)
-    return Population(size, device_mesh)
+    return size, device_mesh
