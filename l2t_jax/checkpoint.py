@@ -23,8 +23,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import traverse_util
+from jax.experimental import multihost_utils
 
 from l2t_jax import mesh
+from l2t_jax import workdir as run_workdir
 from l2t_jax.errors import ConfigError
 
 # Where damaged checkpoints go, beside the checkpoint directory (kept, not deleted).
@@ -220,14 +222,17 @@ class Checkpointer:
 
     def _quarantine(self, step: int, reason: str) -> None:
         """Moves damaged checkpoint `step` aside (orbax no longer lists it) and warns."""
-        target = _unused_path(os.path.join(self._damaged_dir(), str(step)))
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        # Orbax names step directories by the bare step number (its default format).
-        os.rename(os.path.join(self._directory, str(step)), target)
+        if run_workdir.is_writer():  # one process moves it (every one found it damaged)
+            target = _unused_path(os.path.join(self._damaged_dir(), str(step)))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            # Orbax names step directories by the bare step number (its default format).
+            os.rename(os.path.join(self._directory, str(step)), target)
+        if jax.process_count() > 1:  # the others look again once it has moved
+            multihost_utils.sync_global_devices(f"quarantined checkpoint {step}")
         self._manager.reload()
         logging.warning(
-            "the checkpoint at step %d in %s is damaged (%s); moved it to %s and trying "
-            "an older one", step, self._directory, reason, target,
+            "the checkpoint at step %d in %s is damaged (%s); moved it into %s and trying "
+            "an older one", step, self._directory, reason, self._damaged_dir(),
         )
 
     def _damaged_dir(self) -> str:
