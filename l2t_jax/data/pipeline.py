@@ -43,6 +43,7 @@ would not change the result, so it is skipped.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import ml_collections
 import numpy as np
@@ -269,17 +270,37 @@ def stacked_batches(
         )
     if start_step < 0 or num_steps < 1:
         raise ConfigError(f"need start_step >= 0 and num_steps >= 1, got {start_step}, {num_steps}")
-    positions = np.arange(start_step * batch_size, (start_step + num_steps) * batch_size)
+    index = stream_indices(num_examples, (seed,), start_step * batch_size,
+                           num_steps * batch_size).reshape(num_steps, batch_size)
+    return {"x": split.x[index], "y": split.y[index]}
+
+
+def stream_indices(num_examples: int, seed: Sequence[int], start: int, count: int
+                   ) -> np.ndarray:
+    """Positions ``start .. start + count - 1`` of an endless stream of example indices.
+
+    The stream is epoch after epoch, each epoch `e` a permutation of
+    ``range(num_examples)`` drawn from ``np.random.default_rng([*seed, e])``; so any
+    stretch of it is computed without the ones before (`stacked_batches` takes its
+    batches from it, and so do the federated clients, each from its own data).
+
+    Args:
+        num_examples: the size of what is indexed, >= 1 (may be smaller than `count`).
+        seed: the stream's seed words, integers >= 0.
+        start: the first position, >= 0.
+        count: how many positions, >= 1.
+
+    Returns:
+        (count,) int indices into ``range(num_examples)``.
+    """
+    positions = np.arange(start, start + count)
     epochs, offsets = np.divmod(positions, num_examples)
     first_epoch = epochs[0]
-    orders = np.stack(
-        [
-            np.random.default_rng([seed, epoch]).permutation(num_examples)
-            for epoch in range(first_epoch, epochs[-1] + 1)
-        ]
-    )
-    index = orders[epochs - first_epoch, offsets].reshape(num_steps, batch_size)
-    return {"x": split.x[index], "y": split.y[index]}
+    orders = np.stack([
+        np.random.default_rng([*seed, epoch]).permutation(num_examples)
+        for epoch in range(first_epoch, epochs[-1] + 1)
+    ])
+    return orders[epochs - first_epoch, offsets]
 
 
 def read_tfds(name: str, data_dir: str | None) -> tuple[_XY, _XY]:

@@ -11,6 +11,7 @@ from l2t_jax.methods import (
     distill,  # noqa: F401
     dlf,  # noqa: F401
     dln,  # noqa: F401
+    federated,  # noqa: F401
     one,  # noqa: F401
     robust,  # noqa: F401
     transfer,  # noqa: F401

@@ -1,0 +1,142 @@
+"""Federated clients: partitions, FedAvg rounds against a Python loop, meshes, runs."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from configs import federated as federated_config
+from l2t_jax import data, engine, metrics, train
+from l2t_jax import mesh as mesh_lib
+from l2t_jax.errors import ConfigError
+from l2t_jax.losses import cross_entropy_loss
+from l2t_jax.methods import federated
+
+LABELS = np.repeat(np.arange(10), 100)
+
+
+def test_partitions_deal_every_example_once_and_deterministically():
+    for kind in data.PARTITIONS:
+        partition = data.partition_clients(LABELS, 10, 20, kind=kind, alpha=0.3, seed=3)
+        dealt = np.concatenate(partition.indices)
+        np.testing.assert_array_equal(np.sort(dealt), np.arange(len(LABELS)))
+        again = data.partition_clients(LABELS, 10, 20, kind=kind, alpha=0.3, seed=3)
+        assert all(np.array_equal(a, b) for a, b in zip(partition.indices, again.indices))
+        for client, indices in enumerate(partition.indices):
+            np.testing.assert_array_equal(np.bincount(LABELS[indices], minlength=10),
+                                          partition.label_counts[client])
+    iid = data.partition_clients(LABELS, 10, 20, kind="iid", seed=3)
+    assert set(iid.sizes) == {50}
+
+
+def test_a_small_dirichlet_alpha_skews_the_clients_labels():
+    def dominant_share(alpha):
+        counts = data.partition_clients(LABELS, 10, 10, alpha=alpha).label_counts
+        return np.mean(counts.max(axis=1) / counts.sum(axis=1))
+
+    assert dominant_share(0.1) > 0.6 > 0.3 > dominant_share(100.0)
+
+
+def test_a_partition_that_leaves_a_client_empty_is_one_line():
+    with pytest.raises(ConfigError, match="leaves client .* without examples; raise "
+                                          "config.federated.alpha") as error:
+        data.partition_clients(LABELS[:30], 10, 20, alpha=0.01)
+    assert "\n" not in str(error.value)
+
+
+@pytest.fixture(scope="module")
+def smoke():
+    """The smoke config (4 clients, 2 a round, 3 local steps) and its data."""
+    config = federated_config.get_config("digits,smoke")
+    return config, data.load_splits(config.data)
+
+
+def fedavg(config, splits, **fields):
+    plan = federated.build_fedavg(config, splits, jax.random.PRNGKey(0))
+    return dataclasses.replace(plan.phases[0].loop, **fields)
+
+
+def test_a_round_is_the_size_weighted_mean_of_the_clients_local_training(smoke):
+    config, splits = smoke
+    loop = fedavg(config, splits, steps_per_call=2)
+    state = loop.init(jax.random.PRNGKey(1), splits)
+    batches = loop.batches(splits, seed=5, start_step=0)
+    new_state, round_metrics = jax.jit(loop.outer_step)(state, batches)
+    assert round_metrics["loss"].shape == (2,) and int(new_state.round) == 2
+
+    # The same two rounds as a Python loop over rounds and clients.
+    step_fn = engine.make_student_step(loop.model, cross_entropy_loss, loop.tx)
+    params, model_state, rng = state.params, state.model_state, state.rng
+    x = batches["x"].reshape(2, 2, 3, *batches["x"].shape[2:])  # (K, R, E, B, ...)
+    y = batches["y"].reshape(2, 2, 3, -1)
+    for r in range(2):
+        clients = loop.sampled_clients(5, r)
+        sizes = loop.partition.sizes[clients]
+        np.testing.assert_allclose(batches["weights"][r], sizes / sizes.sum())
+        for k, client in enumerate(clients):  # every slot holds its client's own examples
+            own = {row.tobytes() for row in splits.train.x[loop.partition.indices[client]]}
+            assert {row.tobytes() for row in x[k, r].reshape(-1, *x.shape[4:])} <= own
+        rng, round_rng = jax.random.split(rng)
+        trained = []
+        for k, client_rng in enumerate(jax.random.split(round_rng, 2)):
+            client = engine.StudentState.create(params, client_rng, tx=loop.tx,
+                                                model_state=model_state)
+            trained.append(engine.unroll(step_fn, None, client,
+                                         {"x": x[k, r], "y": y[k, r]})[0])
+        weights = batches["weights"][r]
+        params = jax.tree_util.tree_map(
+            lambda *leaves, w=weights: sum(wk * leaf for wk, leaf in zip(w, leaves)),
+            *[client.params for client in trained])
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                                   atol=1e-6),
+                           new_state.params, params)
+
+
+def test_the_same_rounds_on_one_device_and_on_a_4x2_mesh(smoke):
+    config, splits = smoke
+    config = config.copy_and_resolve_references()
+    config.federated.update(num_clients=8, clients_per_round=4)
+    results = []
+    for spec in ({"population": 1, "data": 1}, {"population": 4, "data": 2}):
+        device_mesh = mesh_lib.make_mesh(spec, jax.devices()[:np.prod(list(spec.values()))])
+        loop = fedavg(config, splits, mesh=device_mesh)
+        state = loop.init(jax.random.PRNGKey(1), splits)
+        state, _ = jax.jit(loop.outer_step)(state, loop.batches(splits, seed=0, start_step=0))
+        results.append(state.params)
+    kernel = jax.tree_util.tree_leaves(results[1])[0]
+    assert len(kernel.sharding.device_set) == 8
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                                   atol=1e-6), *results)
+
+
+def test_fedavg_runs_end_to_end_and_resumes_to_the_same_rounds(tmp_path):
+    config = federated_config.get_config("digits,smoke")
+    summary = train.train_and_evaluate(config, str(tmp_path / "whole"))
+    assert summary["clients"] == 4 and 0 <= summary["test_error"] < 90
+    config.train.num_steps = 2
+    train.train_and_evaluate(config, str(tmp_path / "halves"))
+    config.train.num_steps = 4
+    train.train_and_evaluate(config, str(tmp_path / "halves"), allow_config_change=True)
+    assert (metrics.read_metrics(str(tmp_path / "whole"))
+            == metrics.read_metrics(str(tmp_path / "halves")))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("clients_per_round", 5, "clients_per_round must be an integer in \\[1, 4\\]"),
+    ("alpha", 0.0, "config.federated.alpha must be"),
+    ("partition", "labels", "config.federated.partition must be one of"),
+])
+def test_bad_federated_configs_are_one_line(field, value, message):
+    config = federated_config.get_config("digits,smoke")
+    config.federated[field] = value
+    with pytest.raises(ConfigError, match=message):
+        train.validate_config(config)
+
+
+def test_the_round_clients_must_split_over_the_mesh():
+    config = federated_config.get_config("digits,smoke")
+    config.mesh.update(population=-1, data=1)  # 8 devices, 2 clients a round
+    with pytest.raises(ConfigError, match="clients_per_round 2 does not split over "
+                                          "config.mesh.population=8"):
+        train.validate_config(config)
