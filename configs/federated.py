@@ -3,6 +3,7 @@ r"""Federated learning: N clients holding non-IID shares of the train split.
 Run (mnist_5k, 20 clients, Dirichlet 0.1 label split, 10 clients a round; about a
 minute on 2 CPU cores):
   python -m launch.train --config=configs/federated.py:mnist_5k --workdir=/tmp/fedavg
+  ... --config.method=fedgen                # FedGen's generator term in every client
   ... --config.federated.alpha=1.0          # a milder label skew
   ... --config.federated.partition=iid      # IID clients
   ... --config.mesh.population=-1           # the round's clients over every device
@@ -56,6 +57,12 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
         alpha=0.1,               # Dirichlet concentration over labels
         partition_seed=0,        # fixed across training seeds
     ))
+    # FedGen (`--config.method=fedgen`): the generator and the weight a_r of its term,
+    # a_r = max(weight_min, weight_init * weight_decay^r) (FedGen's MNIST settings).
+    config.fedgen = ml_collections.ConfigDict(dict(
+        hidden=256, noise_dim=32, steps=50, batch_size=32, learning_rate=3e-4,
+        diversity=1.0, weight_init=10.0, weight_decay=0.98, weight_min=1e-4,
+    ))
     # Devices: the round's clients on "population", each local batch on "data".
     config.mesh = ml_collections.ConfigDict(dict(population=1, data=1))
     rounds = 200 if variant == "fedgen_mnist" else 100
@@ -63,5 +70,6 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
                         checkpoint_every=20)
     if "smoke" in tokens:
         config.federated.update(num_clients=4, clients_per_round=2, local_steps=3)
+        config.fedgen.update(steps=3, hidden=16)
         config.train.update(num_steps=4, log_every=2, eval_every=2, checkpoint_every=2)
     return config

@@ -48,6 +48,10 @@ LossFn = Callable[[PyTree, "ModelOutput", dict, "StudentState"], jax.Array]
 # loss_metrics_fn(meta_params, output, batch, state) -> {name: scalar}: what describes the
 # step's loss (e.g. the loss parameters a teacher set), with a `LossFn`'s arguments.
 LossMetricsFn = Callable[[PyTree, "ModelOutput", dict, "StudentState"], dict]
+# params_loss_fn(meta_params, params, batch, state) -> scalar: a term of the loss that
+# reads the student's parameters themselves (differentiated), e.g. FedGen's term on the
+# classifier head applied to generated features.
+ParamsLossFn = Callable[[PyTree, PyTree, dict, "StudentState"], jax.Array]
 StepFn = Callable[[PyTree, "StudentState", Batch], tuple["StudentState", dict]]
 # objective(meta_params, final_state) -> (scalar to minimise, aux)
 Objective = Callable[[PyTree, "StudentState"], tuple[jax.Array, Any]]
@@ -310,6 +314,7 @@ def make_student_step(
     target: TargetModel | None = None,
     self_target: bool = False,
     loss_metrics_fn: LossMetricsFn | None = None,
+    params_loss_fn: ParamsLossFn | None = None,
 ) -> StepFn:
     """Builds the pure inner step of a student trained on a teacher-controlled loss.
 
@@ -334,6 +339,9 @@ def make_student_step(
             that describe the step's loss (`LossMetricsFn`: e.g. the loss parameters a
             teacher set), computed on the loss's own arguments and reported with the
             step's metrics under their own names (the step's own three win a clash).
+        params_loss_fn: ``params_loss_fn(meta_params, params, batch, state)``, a term
+            added to the loss that reads the parameters being trained (`ParamsLossFn`);
+            None: none.
 
     Returns:
         ``step(meta_params, state, batch) -> (state, metrics)`` where ``batch`` has
@@ -360,8 +368,10 @@ def make_student_step(
             )
             loss_metrics = ({} if loss_metrics_fn is None
                             else loss_metrics_fn(meta_params, output, seen, state))
-            return (loss_fn(meta_params, output, seen, state),
-                    (output.logits, model_state, loss_metrics))
+            loss = loss_fn(meta_params, output, seen, state)
+            if params_loss_fn is not None:
+                loss = loss + params_loss_fn(meta_params, params, seen, state)
+            return loss, (output.logits, model_state, loss_metrics)
 
         (loss, (logits, model_state, loss_metrics)), grads = jax.value_and_grad(
             student_loss, has_aux=True

@@ -73,6 +73,9 @@ student, optimizer, step budget and dev selection:
 * The DLN warm-started on pairwise binary cross-entropy (``dln.warm_target="bce"``),
   student SGD 0.3: ``l2t-dln-bce-fixed-lr03`` (frozen), ``l2t-dln-bce-proper-lr03``
   (taught under the proper rule, scale preserved).
+* Federated (configs/federated.py; digits, mnist_5k, mnist1d; 20 clients): ``fedavg``,
+  ``fedgen`` at Dirichlet alpha 0.1, ``fedavg-a1``, ``fedgen-a1`` at 1.0; records add
+  ``alpha`` and ``clients``.
 
 Writes docs/results/<dataset>_noise<rate>.json (test error in percent, dev-selected, per
 seed; records of other methods already in the file are kept), then, from every JSON file
@@ -94,7 +97,7 @@ import numpy as np
 from absl import flags, logging
 
 import launch
-from configs import distill, l2t_dlf, l2t_dln, one, robust
+from configs import distill, federated, l2t_dlf, l2t_dln, one, robust
 from l2t_jax import data, plots, students, train
 from l2t_jax.errors import ConfigError
 from launch import cli
@@ -185,6 +188,11 @@ METHODS = {
     # weight in (0, 4), instead of 0.1 and (0, 10): a higher dev error on both settings.
     "l2t-one-slow": (one, "", "l2t-one", {"teacher.learning_rate": 0.03,
                                           "one.kl_weight_range": (0.0, 4.0)}),
+    # Federated: 20 clients, Dirichlet label split at alpha 0.1 (FedGen's) and 1.0.
+    "fedavg": (federated, "", "fedavg", {}),
+    "fedgen": (federated, "", "fedgen", {}),
+    "fedavg-a1": (federated, "", "fedavg", {"federated.alpha": 1.0}),
+    "fedgen-a1": (federated, "", "fedgen", {"federated.alpha": 1.0}),
 }
 # Moonshine: the target's own architecture with cheap blocks (config.student.conv),
 # alone (CE) and with AT + KD from the target model: rows ms-<block>, ms-<block>-at-kd.
@@ -415,6 +423,9 @@ def main(argv):
                                f"{view}_std": _std(view_errors)})
             if "target" in config:
                 record["target"] = config.target.model.name
+            if "federated" in config:
+                record.update(alpha=config.federated.alpha,
+                              clients=config.federated.num_clients)
             if method.startswith("ms-"):
                 record.update(student_cost(config))
             used = applicable_overrides(config, extra)
@@ -552,6 +563,9 @@ GROUPS = {
         "ce-long-lr1", "l2t-dln-warm-fixed-lr1", "l2t-dln-warm-proper-lr1",
         "l2t-dln-warm-descent-lr1", "l2t-dln-warm-descent-k600-lr1",
         "l2t-dln-bce-fixed-lr03", "l2t-dln-bce-proper-lr03"),
+    "Federated (configs/federated.py: 20 clients, 10 a round, 20 local steps of batch 32, "
+    "100 rounds; an MLP 200-32; the server's model after the dev-selected round; -a1: "
+    "Dirichlet alpha 1.0 instead of 0.1)": ("fedavg", "fedgen", "fedavg-a1", "fedgen-a1"),
     "Transfer: the frozen loss of a run on another dataset (mnist_5k: digits with its MLP; "
     "mnist1d_cnn: mnist1d with its MLP), same noise and seed, on the student and schedule "
     "of the source row's config here (compare l2t-dlf-transfer with the L2T-DLF group, "

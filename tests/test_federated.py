@@ -3,6 +3,7 @@
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -53,7 +54,7 @@ def smoke():
 
 
 def fedavg(config, splits, **fields):
-    plan = federated.build_fedavg(config, splits, jax.random.PRNGKey(0))
+    plan = federated.build_rounds(config, splits, jax.random.PRNGKey(0))
     return dataclasses.replace(plan.phases[0].loop, **fields)
 
 
@@ -139,4 +140,52 @@ def test_the_round_clients_must_split_over_the_mesh():
     config.mesh.update(population=-1, data=1)  # 8 devices, 2 clients a round
     with pytest.raises(ConfigError, match="clients_per_round 2 does not split over "
                                           "config.mesh.population=8"):
+        train.validate_config(config)
+
+
+def test_fedgen_diversity_term_is_one_for_collapsed_latents_and_lower_for_spread_ones():
+    noise = jax.random.normal(jax.random.PRNGKey(0), (16, 4))
+    assert float(federated.diversity_loss(noise, jnp.zeros((16, 3)))) == 1.0
+    assert float(federated.diversity_loss(noise, noise[:, :3])) < 0.5
+
+
+def test_fedgen_head_is_the_mlps_read_out_layer(smoke):
+    config, splits = smoke
+    loop = fedavg(config, splits)
+    state = loop.init(jax.random.PRNGKey(1), splits)
+    x = splits.train.x[:5]
+    logits, sown = loop.model.apply({"params": state.params}, x, mutable="intermediates")
+    hidden = sown["intermediates"][f"hidden_{len(loop.model.hidden) - 1}"][0]
+    np.testing.assert_allclose(
+        federated.head_logits(state.params, hidden, len(loop.model.hidden)), logits,
+        rtol=1e-5, atol=1e-6)
+
+
+def test_fedgen_rounds_add_the_generator_term_and_train_the_generator(smoke):
+    config, splits = smoke
+    config = config.copy_and_resolve_references()
+    config.method = "fedgen"
+    plan = federated.build_fedgen(config, splits, jax.random.PRNGKey(0))
+    loop = dataclasses.replace(plan.phases[0].loop, steps_per_call=2)
+    state = loop.init(jax.random.PRNGKey(1), splits)
+    batches = loop.batches(splits, seed=0, start_step=0)
+    # Each client's share of each label among the round's clients.
+    held = batches["label_weights"].sum(axis=1)
+    np.testing.assert_allclose(held[held > 0], 1.0, rtol=1e-6)
+    assert batches["gen_noise"].shape == (*batches["gen_y"].shape, config.fedgen.noise_dim)
+    new_state, round_metrics = jax.jit(loop.outer_step)(state, batches)
+    # No term in round 0 (the generator is untrained), a_1 = 10 * 0.98 in round 1: the
+    # loss is then above the cross-entropy by the term.
+    np.testing.assert_allclose(round_metrics["fedgen/weight"], [0.0, 9.8], rtol=1e-6)
+    np.testing.assert_allclose(round_metrics["loss"][0], round_metrics["cross_entropy"][0])
+    assert round_metrics["loss"][1] > round_metrics["cross_entropy"][1] + 1.0
+    assert not jax.tree_util.tree_all(jax.tree_util.tree_map(
+        lambda a, b: bool(jnp.all(a == b)), new_state.generator, state.generator))
+
+
+def test_fedgen_needs_an_mlp_student():
+    config = federated_config.get_config("digits,smoke")
+    config.update(method="fedgen")
+    config.student.name = "lenet5"
+    with pytest.raises(ConfigError, match="set config.student.name=mlp"):
         train.validate_config(config)

@@ -12,9 +12,22 @@ numbers up to the order of floating-point sums; in a multi-host run each host bu
 its clients' batches. A driver step is one round: ``config.train.num_steps`` rounds,
 ``config.train.log_every`` rounds per jitted call (a `lax.scan` over rounds).
 
+``fedgen`` (Zhu, Hong & Zhou 2021) adds a server-side conditional generator
+G(noise, y) -> latent feature of the width of the network's last hidden layer. Each
+client adds a_r * CE(head(G(noise, y~)), y~) to its local cross-entropy, where head is its
+own last Dense layer and y~ is drawn uniformly from the labels the round's clients hold;
+a_r = max(a_min, a_0 * decay^r) (10, 0.98, 1e-4), and 0 in round 0, while G is untrained.
+After local training the server trains G (Adam, 50 steps a round) so that the clients'
+heads, each weighted by its share of label y among the round's clients, classify G's
+output as y, plus FedGen's diversity term exp(-mean(d_noise * d_latent)); then it
+averages the clients. FedGen's code also adds a latent KL term (each client's output on a
+real example against its head on G(y) of the example's label): it is not in the paper
+and is not kept here. The generator is a two-layer MLP without BatchNorm.
+
 Each client draws its batches from its own endless stream of its examples
 (`data.stream_indices`, seeded by ``[seed, client]``), advanced by E * B examples per
-round whether or not it was sampled: stateless, so a resumed run sees the same data.
+round whether or not it was sampled; the generated labels and noise of its FedGen term
+are drawn from ``[seed, round, client]``: stateless, so a resumed run sees the same data.
 """
 
 from __future__ import annotations
@@ -22,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 
 import flax
 import flax.linen as nn
@@ -57,11 +71,130 @@ class ServerState:
     model_state: engine.PyTree
     rng: jax.Array
     round: jax.Array
+    generator: engine.PyTree = None
+    generator_opt_state: engine.PyTree = None
+
+
+class Generator(nn.Module):
+    """FedGen's conditional generator: (noise, label) -> a latent feature.
+
+    Attributes:
+        num_classes: C (labels are one-hot encoded).
+        latent_dim: the width of the clients' last hidden layer.
+        hidden: the hidden layer's width.
+    """
+
+    num_classes: int
+    latent_dim: int
+    hidden: int = 256
+
+    @nn.compact
+    def __call__(self, noise: jax.Array, labels: jax.Array) -> jax.Array:
+        """(B, noise_dim), (B,) -> (B, latent_dim)."""
+        h = jnp.concatenate([noise, jax.nn.one_hot(labels, self.num_classes, dtype=noise.dtype)],
+                            axis=-1)
+        return nn.Dense(self.latent_dim)(nn.relu(nn.Dense(self.hidden)(h)))
+
+
+def diversity_loss(noise: jax.Array, latents: jax.Array) -> jax.Array:
+    """FedGen's diversity term: exp(-mean_ij(d2(noise_i, noise_j) * d1(latent_i, latent_j)))
+    with d2 the mean squared and d1 the mean absolute difference; lower when distinct
+    noise gives distinct latents."""
+    latent_distance = jnp.mean(jnp.abs(latents[:, None] - latents[None]), axis=-1)
+    noise_distance = jnp.mean((noise[:, None] - noise[None]) ** 2, axis=-1)
+    return jnp.exp(jnp.mean(-noise_distance * latent_distance))
+
+
+def head_logits(params: engine.PyTree, latents: jax.Array, depth: int) -> jax.Array:
+    """An MLP's read-out layer (`students.mlp.MLP`, `depth` hidden layers) on latents."""
+    head = params[f"Dense_{depth}"]
+    return latents @ head["kernel"] + head["bias"]
 
 
 @dataclasses.dataclass(frozen=True)
-class FedAvg:
-    """The rounds of federated averaging (`base.EvaluatedLoop`).
+class GeneratorTraining:
+    """FedGen's server side and the weight of its term in the clients' loss.
+
+    Attributes:
+        module: the generator.
+        tx: its optimizer (Adam).
+        steps: its updates per round.
+        batch_size: generated examples per update.
+        noise_dim: the generator's noise width.
+        diversity: the diversity term's weight (FedGen's eta).
+        weight: a_r as a function of the round (an int32 scalar).
+    """
+
+    module: Generator
+    tx: optax.GradientTransformation
+    steps: int
+    batch_size: int
+    noise_dim: int
+    diversity: float
+    weight: Callable[[jax.Array], jax.Array]
+
+    def init(self, rng: jax.Array) -> tuple[engine.PyTree, engine.PyTree]:
+        params = self.module.init(rng, jnp.zeros((1, self.noise_dim)),
+                                  jnp.zeros((1,), jnp.int32))["params"]
+        return params, self.tx.init(params)
+
+    def client_term(self, depth: int) -> engine.ParamsLossFn:
+        """a_r * CE(head(G(noise, y~)), y~) on the batch's ``gen_noise``, ``gen_y``."""
+        def term(meta_params, params, batch, state):
+            del state
+            latents = self.module.apply({"params": meta_params["generator"]},
+                                        batch["gen_noise"], batch["gen_y"])
+            logits = head_logits(params, latents, depth)
+            return meta_params["weight"] * jnp.mean(
+                optax.softmax_cross_entropy_with_integer_labels(logits, batch["gen_y"]))
+        return term
+
+    def train(self, params, opt_state, heads, label_weights, rng, depth: int):
+        """`steps` Adam updates of the generator against the round's client heads.
+
+        Args:
+            params: the generator's parameters.
+            opt_state: their optimizer state.
+            heads: the K clients' parameters (stacked), whose read-out layers are used.
+            label_weights: (K, C) each client's share of each label in the round.
+            rng: PRNG key of the generated labels and noise.
+            depth: the clients' hidden layers.
+
+        Returns:
+            ``(params, opt_state, metrics)``.
+        """
+        held = label_weights.sum(axis=0) > 0
+
+        def loss_fn(generator, key):
+            label_key, noise_key = jax.random.split(key)
+            labels = jax.random.categorical(
+                label_key, jnp.where(held, 0.0, -jnp.inf), shape=(self.batch_size,))
+            noise = jax.random.normal(noise_key, (self.batch_size, self.noise_dim))
+            latents = self.module.apply({"params": generator}, noise, labels)
+            per_client = jax.vmap(lambda client: optax.softmax_cross_entropy_with_integer_labels(
+                head_logits(client, latents, depth), labels))(heads)  # (K, B)
+            weights = label_weights[:, labels]  # (K, B)
+            teacher = jnp.mean(jnp.sum(weights * per_client, axis=0))
+            diversity = diversity_loss(noise, latents)
+            return teacher + self.diversity * diversity, (teacher, diversity)
+
+        def update(carry, key):
+            generator, state = carry
+            (_, (teacher, diversity)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                generator, key)
+            updates, state = self.tx.update(grads, state, generator)
+            return (optax.apply_updates(generator, updates), state), (teacher, diversity)
+
+        (params, opt_state), (teacher, diversity) = jax.lax.scan(
+            update, (params, opt_state), jax.random.split(rng, self.steps))
+        return params, opt_state, {"fedgen/generator_loss": teacher[-1],
+                                   "fedgen/diversity": diversity[-1]}
+
+
+@dataclasses.dataclass(frozen=True)
+class FederatedRounds:
+    """The rounds of federated averaging, with FedGen's generator or without
+    (`base.EvaluatedLoop`).
 
     Attributes:
         model: the clients' (and server's) Flax network.
@@ -72,6 +205,7 @@ class FedAvg:
         batch_size: B, a client's local batch.
         steps_per_call: rounds per jitted call (the driver's log interval).
         mesh: the device mesh of the clients; None: one device.
+        generator: FedGen's generator training; None: FedAvg.
     """
 
     model: nn.Module
@@ -82,12 +216,18 @@ class FedAvg:
     batch_size: int
     steps_per_call: int
     mesh: Mesh | None = None
+    generator: GeneratorTraining | None = None
 
     def init(self, rng: jax.Array, splits: data.Splits) -> ServerState:
-        """The server's initial model (replicated on the mesh)."""
-        student = engine.init_student_state(self.model, self.tx, rng, splits.train.x[:1])
+        """The server's initial model and generator (replicated on the mesh)."""
+        model_rng, generator_rng = jax.random.split(rng)
+        student = engine.init_student_state(self.model, self.tx, model_rng,
+                                            splits.train.x[:1])
         state = ServerState(student.params, student.model_state, student.rng,
                             jnp.zeros((), jnp.int32))
+        if self.generator is not None:
+            generator, opt_state = self.generator.init(generator_rng)
+            state = state.replace(generator=generator, generator_opt_state=opt_state)
         if self.mesh is not None:
             state = jax.device_put(state, mesh.replicated(self.mesh))
         return state
@@ -103,9 +243,12 @@ class FedAvg:
 
         Returns:
             ``{"x": (K, R * E, B, ...), "y": (K, R * E, B), "weights": (R, K)}``: slot k
-            of round r is its k-th sampled client, whose size share is its weight. On a
-            mesh ``x`` and ``y`` are global arrays laid out by `mesh.batch_sharding`,
-            each host having built only its clients' part of its examples.
+            of round r is its k-th sampled client, whose size share is its weight. With
+            a generator also the clients' generated ``gen_y`` (K, R * E, B) and
+            ``gen_noise`` (K, R * E, B, noise_dim) and the round's ``label_weights``
+            (R, K, C): each client's share of each label. On a mesh the client arrays
+            are global arrays laid out by `mesh.batch_sharding`, each host having built
+            only its clients' part of its examples.
         """
         rounds = range(start_step, start_step + self.steps_per_call)
         sampled = np.stack([self.sampled_clients(seed, r) for r in rounds])  # (R, K)
@@ -124,51 +267,88 @@ class FedAvg:
             for r, clients in zip(rounds, sampled)
         ])  # (R, K_host, E * B)
         index = index.reshape(len(rounds), index.shape[1], self.local_steps, self.batch_size)
-        index = index.transpose(1, 0, 2, 3)[..., examples]  # (K_host, R, E, B_host)
-        index = index.reshape(index.shape[0], -1, index.shape[-1])
         local = {"x": splits.train.x[index], "y": splits.train.y[index]}
         sizes = self.partition.sizes[sampled].astype(np.float32)
-        weights = sizes / sizes.sum(axis=1, keepdims=True)
+        shared = {"weights": sizes / sizes.sum(axis=1, keepdims=True)}
+        if self.generator is not None:
+            local.update(self.generated(seed, rounds, sampled, slots))
+            counts = self.partition.label_counts[sampled].astype(np.float32)  # (R, K, C)
+            shared["label_weights"] = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+        # (R, K_host, E, B, ...) -> (K_host, R * E, B_host, ...)
+        local = {k: np.swapaxes(v, 0, 1)[:, :, :, examples] for k, v in local.items()}
+        local = {k: v.reshape(v.shape[0], -1, *v.shape[3:]) for k, v in local.items()}
         if self.mesh is not None:
             local = mesh.global_batches(self.mesh, local,
                                         population_size=self.clients_per_round,
                                         batch_size=self.batch_size)
-        return {**local, "weights": weights}
+        return {**local, **shared}
+
+    def generated(self, seed: int, rounds: range, sampled: np.ndarray, slots: slice) -> dict:
+        """The labels y~ (uniform over the labels the round's clients hold) and noise of
+        each client's FedGen term, (R, K_host, E, B) and (R, K_host, E, B, noise_dim)."""
+        shape = (self.local_steps, self.batch_size)
+        labels, noise = [], []
+        for r, clients in zip(rounds, sampled):
+            held = np.flatnonzero(self.partition.label_counts[clients].sum(axis=0))
+            draws = [np.random.default_rng([seed, r, int(client)]) for client in clients[slots]]
+            labels.append(np.stack([rng.choice(held, shape) for rng in draws]))
+            noise.append(np.stack([
+                rng.standard_normal((*shape, self.generator.noise_dim), np.float32)
+                for rng in draws]))
+        return {"gen_y": np.stack(labels).astype(np.int32), "gen_noise": np.stack(noise)}
 
     def outer_step(self, state: ServerState, batches: dict):
         """`steps_per_call` rounds of local training and weighted averaging."""
-        step_fn = engine.make_student_step(self.model, cross_entropy_loss, self.tx)
+        depth = len(self.model.hidden) if self.generator is not None else 0
+        step_fn = engine.make_student_step(
+            self.model, cross_entropy_loss, self.tx,
+            params_loss_fn=None if self.generator is None else self.generator.client_term(depth))
         num_clients = self.clients_per_round
+        client_keys = [k for k in ("x", "y", "gen_y", "gen_noise") if k in batches]
+        shared_keys = [k for k in ("weights", "label_weights") if k in batches]
 
         def per_round(a):  # (K, R * E, B, ...) -> (R, K, E, B, ...)
             a = a.reshape(num_clients, self.steps_per_call, self.local_steps, *a.shape[2:])
             return jnp.moveaxis(a, 1, 0)
 
-        inputs = ({"x": per_round(batches["x"]), "y": per_round(batches["y"])},
-                  batches["weights"])
+        inputs = ({k: per_round(batches[k]) for k in client_keys},
+                  {k: batches[k] for k in shared_keys})
 
         def one_round(server: ServerState, round_inputs):
-            client_batches, weights = round_inputs
+            client_batches, shared = round_inputs
             if self.mesh is not None:
                 client_batches = jax.lax.with_sharding_constraint(
                     client_batches, mesh.batch_sharding(self.mesh))
-            rng, round_rng = jax.random.split(server.rng)
+            rng, round_rng, generator_rng = jax.random.split(server.rng, 3)
+            meta_params = None
+            if self.generator is not None:  # no term while the generator is untrained
+                meta_params = {"generator": server.generator,
+                               "weight": jnp.where(server.round > 0,
+                                                   self.generator.weight(server.round), 0.0)}
 
             def local_training(client_rng, own_batches):
                 client = engine.StudentState.create(server.params, client_rng, tx=self.tx,
                                                     model_state=server.model_state)
-                return engine.unroll(step_fn, None, client, own_batches)
+                return engine.unroll(step_fn, meta_params, client, own_batches)
 
             client_rngs = jax.random.split(round_rng, num_clients)
             clients, metrics = jax.vmap(local_training)(client_rngs, client_batches)
+            metrics = jax.tree_util.tree_map(jnp.mean, metrics)
 
             def average(stacked):
-                return jnp.tensordot(weights.astype(stacked.dtype), stacked, axes=1)
+                return jnp.tensordot(shared["weights"].astype(stacked.dtype), stacked, axes=1)
 
-            server = ServerState(jax.tree_util.tree_map(average, clients.params),
-                                 jax.tree_util.tree_map(average, clients.model_state),
-                                 rng, server.round + 1)
-            return server, jax.tree_util.tree_map(jnp.mean, metrics)
+            new_server = ServerState(jax.tree_util.tree_map(average, clients.params),
+                                     jax.tree_util.tree_map(average, clients.model_state),
+                                     rng, server.round + 1)
+            if self.generator is not None:
+                generator, opt_state, generator_metrics = self.generator.train(
+                    server.generator, server.generator_opt_state, clients.params,
+                    shared["label_weights"], generator_rng, depth)
+                new_server = new_server.replace(generator=generator,
+                                                generator_opt_state=opt_state)
+                metrics.update(generator_metrics, **{"fedgen/weight": meta_params["weight"]})
+            return new_server, metrics
 
         return jax.lax.scan(one_round, state, inputs)
 
@@ -205,17 +385,31 @@ def client_partition(config: ml_collections.ConfigDict, splits: data.Splits) -> 
                                   kind=f.partition, alpha=f.alpha, seed=f.partition_seed)
 
 
-def build_fedavg(config: ml_collections.ConfigDict, splits: data.Splits,
-                 rng: jax.Array) -> base.Plan:
+def generator_training(config: ml_collections.ConfigDict, num_classes: int,
+                       latent_dim: int) -> GeneratorTraining:
+    """FedGen's generator and client-term weight, from ``config.fedgen``."""
+    g = config.fedgen
+
+    def weight(round_index):
+        return jnp.maximum(g.weight_min, g.weight_init * g.weight_decay ** round_index)
+
+    return GeneratorTraining(
+        module=Generator(num_classes, latent_dim, g.hidden),
+        tx=optax.adam(g.learning_rate), steps=g.steps, batch_size=g.batch_size,
+        noise_dim=g.noise_dim, diversity=g.diversity, weight=weight)
+
+
+def build_rounds(config: ml_collections.ConfigDict, splits: data.Splits, rng: jax.Array,
+                 generator: GeneratorTraining | None = None) -> base.Plan:
     """One phase: the rounds, the server's model evaluated as the reported student."""
     f = config.federated
     partition = client_partition(config, splits)
-    loop = FedAvg(
+    loop = FederatedRounds(
         model=students.build_student(config.student, splits.num_classes),
         tx=optimizers.make_inner_optimizer(config.optimizer, f.local_steps),
         partition=partition, clients_per_round=f.clients_per_round,
         local_steps=f.local_steps, batch_size=config.train.batch_size,
-        steps_per_call=config.train.log_every, mesh=client_mesh(config))
+        steps_per_call=config.train.log_every, mesh=client_mesh(config), generator=generator)
     phase = base.Phase("", loop, base.student_schedule(config),
                        lambda finished: loop.init(rng, splits))
 
@@ -228,6 +422,13 @@ def build_fedavg(config: ml_collections.ConfigDict, splits: data.Splits,
                 "partition": f.partition}
 
     return base.Plan((phase,), finish)
+
+
+def build_fedgen(config: ml_collections.ConfigDict, splits: data.Splits,
+                 rng: jax.Array) -> base.Plan:
+    """FedAvg's rounds with FedGen's generator."""
+    generator = generator_training(config, splits.num_classes, config.student.hidden[-1])
+    return build_rounds(config, splits, rng, generator)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -249,12 +450,41 @@ def validate(config: ml_collections.ConfigDict) -> None:
     client_mesh(config)
 
 
-base.register(base.Method(
-    name="fedavg",
-    description="federated averaging: K of N clients train locally each round, the "
-                "server averages them by size",
-    example="configs/federated.py:mnist_5k",
-    build=build_fedavg,
-    sections=("federated",),
-    validate=validate,
-))
+def validate_fedgen(config: ml_collections.ConfigDict) -> None:
+    """`validate`, then ``config.fedgen`` and a student whose last layer FedGen feeds."""
+    validate(config)
+    if config.student.name != "mlp":
+        raise ConfigError(f"fedgen's generator feeds an MLP's read-out layer; set "
+                          f"config.student.name=mlp (got {config.student.name!r})")
+    g = config.fedgen
+    base.check_fields([
+        *(checks.integer(f"config.fedgen.{field}", g[field])
+          for field in ("hidden", "noise_dim", "steps", "batch_size")),
+        checks.number("config.fedgen.learning_rate", g.learning_rate, above=0),
+        checks.number("config.fedgen.diversity", g.diversity, at_least=0),
+        checks.number("config.fedgen.weight_init", g.weight_init, at_least=0),
+        checks.number("config.fedgen.weight_decay", g.weight_decay, above=0, at_most=1),
+        checks.number("config.fedgen.weight_min", g.weight_min, at_least=0),
+    ])
+
+
+base.register(
+    base.Method(
+        name="fedavg",
+        description="federated averaging: K of N clients train locally each round, the "
+                    "server averages them by size",
+        example="configs/federated.py:mnist_5k",
+        build=build_rounds,
+        sections=("federated",),
+        validate=validate,
+    ),
+    base.Method(
+        name="fedgen",
+        description="FedAvg plus FedGen's server-side generator of latent features, "
+                    "a term of every client's loss",
+        example="configs/federated.py:mnist_5k",
+        build=build_fedgen,
+        sections=("federated", "fedgen"),
+        validate=validate_fedgen,
+    ),
+)
