@@ -4,6 +4,7 @@ Run (mnist_5k, 20 clients, Dirichlet 0.1 label split, 10 clients a round; about 
 minute on 2 CPU cores):
   python -m launch.train --config=configs/federated.py:mnist_5k --workdir=/tmp/fedavg
   ... --config.method=fedgen                # FedGen's generator term in every client
+  ... --config.method=l2t-fedgen            # its weight scaled by a loss teacher
   ... --config.federated.alpha=1.0          # a milder label skew
   ... --config.federated.partition=iid      # IID clients
   ... --config.mesh.population=-1           # the round's clients over every device
@@ -62,6 +63,13 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
     config.fedgen = ml_collections.ConfigDict(dict(
         hidden=256, noise_dim=32, steps=50, batch_size=32, learning_rate=3e-4,
         diversity=1.0, weight_init=10.0, weight_decay=0.98, weight_min=1e-4,
+    ))
+    # l2t-fedgen: the loss teacher multiplies a_r by m_r = low + (high - low) *
+    # sigmoid(theta * r / R + b), starting at 1 (FedGen's schedule), and learns from the
+    # exact meta-gradient of the server's smoothed dev error after each round.
+    config.teacher = ml_collections.ConfigDict(dict(
+        optimizer="adam", learning_rate=0.03, clip_norm=1.0, objective="smoothed_error",
+        sharpness=50.0, on_nonfinite="skip", multiplier_range=(0.0, 4.0),
     ))
     # Devices: the round's clients on "population", each local batch on "data".
     config.mesh = ml_collections.ConfigDict(dict(population=1, data=1))

@@ -189,3 +189,52 @@ def test_fedgen_needs_an_mlp_student():
     config.student.name = "lenet5"
     with pytest.raises(ConfigError, match="set config.student.name=mlp"):
         train.validate_config(config)
+
+
+def test_l2t_fedgen_meta_gradient_matches_differences_and_a_loop_float64(x64):
+    config = federated_config.get_config("digits,smoke")
+    config.update(method="l2t-fedgen")
+    config.student.dtype = "float64"
+    splits = data.load_splits(config.data)
+    loop = dataclasses.replace(
+        federated.build_taught(config, splits, jax.random.PRNGKey(0)).phases[0].loop,
+        steps_per_call=1)
+    server = loop.init(jax.random.PRNGKey(1), splits).replace(round=jnp.asarray(1))
+    batches = loop.batches(splits, seed=0, start_step=1)
+    clients = {k: batches[k].reshape(2, 3, *batches[k].shape[2:])
+               for k in ("x", "y", "gen_y", "gen_noise")}
+    teacher = {"theta": jnp.asarray([[0.3]]), "bias": jnp.asarray([0.2])}
+    rng = jax.random.PRNGKey(2)
+
+    def objective(params):
+        return loop.round_objective(params, server, clients, batches["weights"][0], rng,
+                                    batches["dev"])[0]
+
+    def loop_objective(params):  # the same round, one client at a time
+        multiplier = loop.teacher.weights(params, jnp.asarray([1 / 4]))["multiplier"]
+        meta = {"generator": server.generator,
+                "weight": multiplier * loop.generator.weight(1)}
+        step_fn = engine.make_student_step(loop.model, cross_entropy_loss, loop.tx,
+                                           params_loss_fn=loop.generator.client_term(2))
+        trained = []
+        for k, client_rng in enumerate(jax.random.split(rng, 2)):
+            client = engine.StudentState.create(server.params, client_rng, tx=loop.tx)
+            trained.append(engine.unroll(step_fn, meta, client,
+                                         {key: v[k] for key, v in clients.items()})[0].params)
+        averaged = jax.tree_util.tree_map(
+            lambda a, b: batches["weights"][0][0] * a + batches["weights"][0][1] * b, *trained)
+        final = engine.StudentState.create(averaged, rng, tx=loop.tx)
+        return loop.teacher_update.dev_objective_fn(loop.model, batches["dev"])(None, final)[0]
+
+    grad = jax.grad(objective)(teacher)
+    assert float(jnp.abs(grad["theta"][0, 0])) > 1e-6  # the round's weight matters
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+                           grad, jax.grad(loop_objective)(teacher))
+    eps = 1e-6
+    for name in ("theta", "bias"):
+        step = jax.tree_util.tree_map(jnp.zeros_like, teacher)
+        step[name] = step[name] + eps
+        plus = jax.tree_util.tree_map(jnp.add, teacher, step)
+        minus = jax.tree_util.tree_map(jnp.subtract, teacher, step)
+        difference = (objective(plus) - objective(minus)) / (2 * eps)
+        np.testing.assert_allclose(grad[name].sum(), difference, rtol=1e-5)

@@ -47,10 +47,10 @@ import optax
 from jax.sharding import Mesh
 
 from l2t_jax import config_checks as checks
-from l2t_jax import data, engine, mesh, optimizers, students
+from l2t_jax import data, engine, mesh, optimizers, students, teachers
 from l2t_jax.errors import ConfigError
 from l2t_jax.losses import cross_entropy_loss
-from l2t_jax.methods import base
+from l2t_jax.methods import base, teaching
 
 # The run's client partition (sizes and label counts), written beside the metrics.
 PARTITION_FILE = "partition.json"
@@ -73,6 +73,8 @@ class ServerState:
     round: jax.Array
     generator: engine.PyTree = None
     generator_opt_state: engine.PyTree = None
+    teacher: engine.PyTree = None
+    teacher_opt_state: engine.PyTree = None
 
 
 class Generator(nn.Module):
@@ -206,6 +208,11 @@ class FederatedRounds:
         steps_per_call: rounds per jitted call (the driver's log interval).
         mesh: the device mesh of the clients; None: one device.
         generator: FedGen's generator training; None: FedAvg.
+        teacher: the loss teacher that scales FedGen's term each round from the round
+            fraction (`teachers.WeightTeacher`, one weight ``"multiplier"``); None:
+            the hand-set schedule.
+        teacher_update: how the loss teacher learns (its objective reads ``"dev"``).
+        total_rounds: the run's rounds (the teacher's feature is the round fraction).
     """
 
     model: nn.Module
@@ -217,6 +224,9 @@ class FederatedRounds:
     steps_per_call: int
     mesh: Mesh | None = None
     generator: GeneratorTraining | None = None
+    teacher: teachers.WeightTeacher | None = None
+    teacher_update: teaching.TeacherUpdate | None = None
+    total_rounds: int = 1
 
     def init(self, rng: jax.Array, splits: data.Splits) -> ServerState:
         """The server's initial model and generator (replicated on the mesh)."""
@@ -228,6 +238,10 @@ class FederatedRounds:
         if self.generator is not None:
             generator, opt_state = self.generator.init(generator_rng)
             state = state.replace(generator=generator, generator_opt_state=opt_state)
+        if self.teacher is not None:
+            teacher = self.teacher.init(None)
+            state = state.replace(teacher=teacher,
+                                  teacher_opt_state=self.teacher_update.tx.init(teacher))
         if self.mesh is not None:
             state = jax.device_put(state, mesh.replicated(self.mesh))
         return state
@@ -281,6 +295,8 @@ class FederatedRounds:
             local = mesh.global_batches(self.mesh, local,
                                         population_size=self.clients_per_round,
                                         batch_size=self.batch_size)
+        if self.teacher is not None:
+            shared["dev"] = {"x": splits.meta_dev.x, "y": splits.meta_dev.y}
         return {**local, **shared}
 
     def generated(self, seed: int, rounds: range, sampled: np.ndarray, slots: slice) -> dict:
@@ -299,10 +315,6 @@ class FederatedRounds:
 
     def outer_step(self, state: ServerState, batches: dict):
         """`steps_per_call` rounds of local training and weighted averaging."""
-        depth = len(self.model.hidden) if self.generator is not None else 0
-        step_fn = engine.make_student_step(
-            self.model, cross_entropy_loss, self.tx,
-            params_loss_fn=None if self.generator is None else self.generator.client_term(depth))
         num_clients = self.clients_per_round
         client_keys = [k for k in ("x", "y", "gen_y", "gen_noise") if k in batches]
         shared_keys = [k for k in ("weights", "label_weights") if k in batches]
@@ -320,37 +332,106 @@ class FederatedRounds:
                 client_batches = jax.lax.with_sharding_constraint(
                     client_batches, mesh.batch_sharding(self.mesh))
             rng, round_rng, generator_rng = jax.random.split(server.rng, 3)
-            meta_params = None
-            if self.generator is not None:  # no term while the generator is untrained
-                meta_params = {"generator": server.generator,
-                               "weight": jnp.where(server.round > 0,
-                                                   self.generator.weight(server.round), 0.0)}
-
-            def local_training(client_rng, own_batches):
-                client = engine.StudentState.create(server.params, client_rng, tx=self.tx,
-                                                    model_state=server.model_state)
-                return engine.unroll(step_fn, meta_params, client, own_batches)
-
-            client_rngs = jax.random.split(round_rng, num_clients)
-            clients, metrics = jax.vmap(local_training)(client_rngs, client_batches)
-            metrics = jax.tree_util.tree_map(jnp.mean, metrics)
-
-            def average(stacked):
-                return jnp.tensordot(shared["weights"].astype(stacked.dtype), stacked, axes=1)
-
-            new_server = ServerState(jax.tree_util.tree_map(average, clients.params),
-                                     jax.tree_util.tree_map(average, clients.model_state),
-                                     rng, server.round + 1)
+            metrics = {}
+            if self.teacher is None:
+                weight = None if self.generator is None else self.term_weight(server)
+                new_server, clients, round_metrics = self.train_clients(
+                    server, weight, client_batches, shared["weights"], round_rng)
+            else:
+                new_server, clients, round_metrics, metrics = self.taught_round(
+                    server, client_batches, shared["weights"], round_rng, batches["dev"])
+            metrics.update(jax.tree_util.tree_map(jnp.mean, round_metrics))
+            new_server = new_server.replace(rng=rng)
             if self.generator is not None:
                 generator, opt_state, generator_metrics = self.generator.train(
                     server.generator, server.generator_opt_state, clients.params,
-                    shared["label_weights"], generator_rng, depth)
+                    shared["label_weights"], generator_rng, len(self.model.hidden))
                 new_server = new_server.replace(generator=generator,
                                                 generator_opt_state=opt_state)
-                metrics.update(generator_metrics, **{"fedgen/weight": meta_params["weight"]})
+                metrics.update(generator_metrics)
             return new_server, metrics
 
         return jax.lax.scan(one_round, state, inputs)
+
+    def term_weight(self, server: ServerState, multiplier: jax.Array = 1.0) -> jax.Array:
+        """a_r of the FedGen term in round ``server.round``, times `multiplier`; 0 in
+        round 0 (the generator is untrained)."""
+        weight = multiplier * self.generator.weight(server.round)
+        return jnp.where(server.round > 0, weight, 0.0)
+
+    def train_clients(self, server: ServerState, weight: jax.Array | None,
+                      client_batches: dict, weights: jax.Array, rng: jax.Array):
+        """One round's local training of the K clients and their weighted average.
+
+        Args:
+            server: the server's state at the round's start.
+            weight: the FedGen term's weight; None without a generator.
+            client_batches: the clients' batches, (K, E, B, ...).
+            weights: (K,) the clients' size shares.
+            rng: the round's PRNG key (split into the clients').
+
+        Returns:
+            ``(server, clients, metrics)``: the server with the averaged model, the
+            trained clients (stacked) and their metrics (K, E); differentiable in
+            `weight`.
+        """
+        meta_params = None
+        params_loss_fn = None
+        if self.generator is not None:
+            meta_params = {"generator": server.generator, "weight": weight}
+            params_loss_fn = self.generator.client_term(len(self.model.hidden))
+        step_fn = engine.make_student_step(self.model, cross_entropy_loss, self.tx,
+                                           params_loss_fn=params_loss_fn)
+
+        def local_training(client_rng, own_batches):
+            client = engine.StudentState.create(server.params, client_rng, tx=self.tx,
+                                                model_state=server.model_state)
+            return engine.unroll(step_fn, meta_params, client, own_batches)
+
+        clients, metrics = jax.vmap(local_training)(
+            jax.random.split(rng, self.clients_per_round), client_batches)
+
+        def average(stacked):
+            return jnp.tensordot(weights.astype(stacked.dtype), stacked, axes=1)
+
+        server = server.replace(params=jax.tree_util.tree_map(average, clients.params),
+                                model_state=jax.tree_util.tree_map(average,
+                                                                   clients.model_state),
+                                round=server.round + 1)
+        if weight is not None:
+            metrics = {**metrics, "fedgen/weight": jnp.broadcast_to(
+                weight, (self.clients_per_round, self.local_steps))}
+        return server, clients, metrics
+
+    def round_objective(self, teacher_params, server: ServerState, client_batches: dict,
+                        weights: jax.Array, rng: jax.Array, dev: dict):
+        """The server's dev objective after one round under the loss teacher's weight.
+
+        Returns:
+            ``(value, (server, clients, metrics, aux))``, for `jax.value_and_grad` in
+            `teacher_params`: exact through the K clients' E local steps and the
+            average.
+        """
+        features = jnp.stack([server.round / self.total_rounds]).astype(jnp.float32)
+        multiplier = self.teacher.weights(teacher_params, features)["multiplier"]
+        new_server, clients, metrics = self.train_clients(
+            server, self.term_weight(server, multiplier), client_batches, weights, rng)
+        objective = self.teacher_update.dev_objective_fn(self.model, dev)
+        value, aux = objective(None, self.student(new_server))
+        return value, (new_server, clients, metrics, aux)
+
+    def taught_round(self, server: ServerState, client_batches: dict, weights: jax.Array,
+                     rng: jax.Array, dev: dict):
+        """A round whose FedGen weight the loss teacher sets, and the teacher's update
+        by the exact meta-gradient of the round's dev objective (`round_objective`)."""
+        (value, (new_server, clients, metrics, aux)), grad = jax.value_and_grad(
+            self.round_objective, has_aux=True)(server.teacher, server, client_batches,
+                                                weights, rng, dev)
+        teacher, opt_state, meta_metrics = self.teacher_update.apply(
+            server.teacher, server.teacher_opt_state,
+            engine.MetaGradient(value, grad, None, {}, aux))
+        new_server = new_server.replace(teacher=teacher, teacher_opt_state=opt_state)
+        return new_server, clients, metrics, meta_metrics
 
     def student(self, state: ServerState) -> engine.StudentState:
         """The server's model, to evaluate."""
@@ -400,8 +481,16 @@ def generator_training(config: ml_collections.ConfigDict, num_classes: int,
 
 
 def build_rounds(config: ml_collections.ConfigDict, splits: data.Splits, rng: jax.Array,
-                 generator: GeneratorTraining | None = None) -> base.Plan:
-    """One phase: the rounds, the server's model evaluated as the reported student."""
+                 generator: GeneratorTraining | None = None, **fields) -> base.Plan:
+    """One phase: the rounds, the server's model evaluated as the reported student.
+
+    Args:
+        config: the experiment config.
+        splits: the data.
+        rng: the run's PRNG key.
+        generator: FedGen's generator; None: FedAvg.
+        **fields: further `FederatedRounds` fields (the loss teacher).
+    """
     f = config.federated
     partition = client_partition(config, splits)
     loop = FederatedRounds(
@@ -409,7 +498,8 @@ def build_rounds(config: ml_collections.ConfigDict, splits: data.Splits, rng: ja
         tx=optimizers.make_inner_optimizer(config.optimizer, f.local_steps),
         partition=partition, clients_per_round=f.clients_per_round,
         local_steps=f.local_steps, batch_size=config.train.batch_size,
-        steps_per_call=config.train.log_every, mesh=client_mesh(config), generator=generator)
+        steps_per_call=config.train.log_every, mesh=client_mesh(config), generator=generator,
+        total_rounds=config.train.num_steps, **fields)
     phase = base.Phase("", loop, base.student_schedule(config),
                        lambda finished: loop.init(rng, splits))
 
@@ -429,6 +519,19 @@ def build_fedgen(config: ml_collections.ConfigDict, splits: data.Splits,
     """FedAvg's rounds with FedGen's generator."""
     generator = generator_training(config, splits.num_classes, config.student.hidden[-1])
     return build_rounds(config, splits, rng, generator)
+
+
+def build_taught(config: ml_collections.ConfigDict, splits: data.Splits,
+                 rng: jax.Array) -> base.Plan:
+    """FedGen's rounds with a loss teacher scaling the generator term's weight."""
+    generator = generator_training(config, splits.num_classes, config.student.hidden[-1])
+    # The weight scales FedGen's term inside the round: no loss family of its own.
+    teacher = teachers.WeightTeacher(
+        family=None, names=("multiplier",), initial=(1.0,),
+        bounds=(tuple(config.teacher.multiplier_range),), num_classes=splits.num_classes,
+        num_features=1)
+    return build_rounds(config, splits, rng, generator, teacher=teacher,
+                        teacher_update=teaching.teacher_update(config, "teacher"))
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -468,6 +571,17 @@ def validate_fedgen(config: ml_collections.ConfigDict) -> None:
     ])
 
 
+def validate_taught(config: ml_collections.ConfigDict) -> None:
+    """`validate_fedgen`, then the loss teacher's section."""
+    validate_fedgen(config)
+    low, high = config.teacher.multiplier_range
+    base.check_fields([
+        *teaching.teacher_update_checks(config, "teacher"),
+        (0 <= low < 1 < high, "config.teacher.multiplier_range must be (low, high) with "
+                              f"0 <= low < 1 < high (1: FedGen's schedule), got {(low, high)}"),
+    ])
+
+
 base.register(
     base.Method(
         name="fedavg",
@@ -486,5 +600,14 @@ base.register(
         build=build_fedgen,
         sections=("federated", "fedgen"),
         validate=validate_fedgen,
+    ),
+    base.Method(
+        name="l2t-fedgen",
+        description="FedGen with its term's weight scaled each round by a loss teacher, "
+                    "trained by exact meta-gradients through the round",
+        example="configs/federated.py:mnist_5k",
+        build=build_taught,
+        sections=("federated", "fedgen", "teacher"),
+        validate=validate_taught,
     ),
 )
