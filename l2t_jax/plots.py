@@ -353,3 +353,51 @@ def plot_headline(panels: list[tuple[str, list[tuple[str, dict]]]], path: str, t
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_accuracy_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str,
+                         title: str, xlabel: str = "round") -> None:
+    """Test accuracy against the step for several methods: mean over seeds, +- std band.
+
+    Args:
+        curves: label -> ``(steps (T,), test errors in percent (seeds, T))``.
+        path: where to write the PNG.
+        title: the figure's title.
+        xlabel: what a step is.
+    """
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for index, (label, (steps, errors)) in enumerate(curves.items()):
+        accuracy = 100.0 - np.asarray(errors)
+        mean, std = accuracy.mean(axis=0), accuracy.std(axis=0)
+        ax.plot(steps, mean, f"C{index}", label=f"{label} ({len(accuracy)} seeds)")
+        ax.fill_between(steps, mean - std, mean + std, color=f"C{index}", alpha=0.2)
+    ax.set(xlabel=xlabel, ylabel="test accuracy (%)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_clients(label_counts: np.ndarray, path: str, title: str) -> None:
+    """Each client's examples by label, as stacked bars (a federated partition).
+
+    Args:
+        label_counts: (N, C) examples of each label per client.
+        path: where to write the PNG.
+        title: the figure's title.
+    """
+    label_counts = np.asarray(label_counts)
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(label_counts)), 4))
+    bottom = np.zeros(len(label_counts))
+    cmap = plt.get_cmap("tab10" if label_counts.shape[1] <= 10 else "tab20")
+    for label in range(label_counts.shape[1]):
+        ax.bar(np.arange(len(label_counts)), label_counts[:, label], bottom=bottom,
+               color=cmap(label % cmap.N), label=str(label))
+        bottom += label_counts[:, label]
+    ax.set(xlabel="client", ylabel="examples", title=title)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.legend(title="label", ncol=2, fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -74,8 +74,8 @@ student, optimizer, step budget and dev selection:
   student SGD 0.3: ``l2t-dln-bce-fixed-lr03`` (frozen), ``l2t-dln-bce-proper-lr03``
   (taught under the proper rule, scale preserved).
 * Federated (configs/federated.py; digits, mnist_5k, mnist1d; 20 clients): ``fedavg``,
-  ``fedgen`` at Dirichlet alpha 0.1, ``fedavg-a1``, ``fedgen-a1`` at 1.0; records add
-  ``alpha`` and ``clients``.
+  ``fedgen``, ``l2t-fedgen`` (FedGen's term scaled by a loss teacher) at Dirichlet alpha
+  0.1, the same with ``-a1`` at 1.0; records add ``alpha`` and ``clients``.
 
 Writes docs/results/<dataset>_noise<rate>.json (test error in percent, dev-selected, per
 seed; records of other methods already in the file are kept), then, from every JSON file
@@ -98,7 +98,7 @@ from absl import flags, logging
 
 import launch
 from configs import distill, federated, l2t_dlf, l2t_dln, one, robust
-from l2t_jax import data, plots, students, train
+from l2t_jax import data, metrics, plots, students, train
 from l2t_jax.errors import ConfigError
 from launch import cli
 
@@ -193,6 +193,8 @@ METHODS = {
     "fedgen": (federated, "", "fedgen", {}),
     "fedavg-a1": (federated, "", "fedavg", {"federated.alpha": 1.0}),
     "fedgen-a1": (federated, "", "fedgen", {"federated.alpha": 1.0}),
+    "l2t-fedgen": (federated, "", "l2t-fedgen", {}),
+    "l2t-fedgen-a1": (federated, "", "l2t-fedgen", {"federated.alpha": 1.0}),
 }
 # Moonshine: the target's own architecture with cheap blocks (config.student.conv),
 # alone (CE) and with AT + KD from the target model: rows ms-<block>, ms-<block>-at-kd.
@@ -433,7 +435,26 @@ def main(argv):
                 record["overrides"] = used
             records.append(record)
         merge_records(os.path.join(results_dir, f"{dataset}_noise{noise}.json"), records)
+        rounds = [m for m, config in configs_of_setting.items() if "federated" in config]
+        if rounds:
+            plots.plot_accuracy_curves(
+                {m: test_error_curve(dataset, noise, m) for m in rounds},
+                os.path.join(results_dir, f"{dataset}_noise{noise}_rounds.png"),
+                f"{dataset}, noise {noise}: the server's model, "
+                f"{configs_of_setting[rounds[0]].federated.num_clients} clients")
     print(write_reports(_OUT.value))
+
+
+def test_error_curve(dataset: str, noise: float, method: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(steps, test errors (seeds, T))`` of a row's finished runs, at their evaluations."""
+    errors = []
+    for seed in range(_SEEDS.value):
+        records = metrics.read_metrics(
+            os.path.join(_WORKDIR.value, f"{dataset}_noise{noise}", method, f"s{seed}"))
+        evaluated = [r for r in records if "test/error" in r]
+        steps = np.asarray([r["step"] for r in evaluated])
+        errors.append([r["test/error"] for r in evaluated])
+    return steps, np.asarray(errors)
 
 
 def merge_records(path: str, records: list[dict]) -> list[dict]:
@@ -565,7 +586,8 @@ GROUPS = {
         "l2t-dln-bce-fixed-lr03", "l2t-dln-bce-proper-lr03"),
     "Federated (configs/federated.py: 20 clients, 10 a round, 20 local steps of batch 32, "
     "100 rounds; an MLP 200-32; the server's model after the dev-selected round; -a1: "
-    "Dirichlet alpha 1.0 instead of 0.1)": ("fedavg", "fedgen", "fedavg-a1", "fedgen-a1"),
+    "Dirichlet alpha 1.0 instead of 0.1)": ("fedavg", "fedgen", "l2t-fedgen", "fedavg-a1",
+                                          "fedgen-a1", "l2t-fedgen-a1"),
     "Transfer: the frozen loss of a run on another dataset (mnist_5k: digits with its MLP; "
     "mnist1d_cnn: mnist1d with its MLP), same noise and seed, on the student and schedule "
     "of the source row's config here (compare l2t-dlf-transfer with the L2T-DLF group, "

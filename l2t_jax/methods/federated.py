@@ -47,7 +47,7 @@ import optax
 from jax.sharding import Mesh
 
 from l2t_jax import config_checks as checks
-from l2t_jax import data, engine, mesh, optimizers, students, teachers
+from l2t_jax import data, engine, mesh, optimizers, plots, students, teachers
 from l2t_jax.errors import ConfigError
 from l2t_jax.losses import cross_entropy_loss
 from l2t_jax.methods import base, teaching
@@ -534,6 +534,20 @@ def build_taught(config: ml_collections.ConfigDict, splits: data.Splits,
                         teacher_update=teaching.teacher_update(config, "teacher"))
 
 
+def draw_clients(config: ml_collections.ConfigDict, workdir: str, records: list[dict],
+                 summary: dict) -> list[str]:
+    """``clients.png``: every client's examples by label (the run's partition)."""
+    del config, records
+    source = os.path.join(workdir, PARTITION_FILE)
+    if not os.path.exists(source):
+        return []
+    with open(source) as f:
+        counts = np.asarray(json.load(f)["label_counts"])
+    path = os.path.join(workdir, "clients.png")
+    plots.plot_clients(counts, path, plots.run_title(summary) if summary else "clients")
+    return [path]
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks ``config.federated`` and that the clients split over ``config.mesh``."""
     f = config.federated
@@ -591,6 +605,7 @@ base.register(
         build=build_rounds,
         sections=("federated",),
         validate=validate,
+        draw=draw_clients,
     ),
     base.Method(
         name="fedgen",
@@ -600,6 +615,7 @@ base.register(
         build=build_fedgen,
         sections=("federated", "fedgen"),
         validate=validate_fedgen,
+        draw=draw_clients,
     ),
     base.Method(
         name="l2t-fedgen",
@@ -609,5 +625,6 @@ base.register(
         build=build_taught,
         sections=("federated", "fedgen", "teacher"),
         validate=validate_taught,
+        draw=draw_clients,
     ),
 )
