@@ -94,17 +94,20 @@ def test_a_round_is_the_size_weighted_mean_of_the_clients_local_training(smoke):
                            new_state.params, params)
 
 
-def test_the_same_rounds_on_one_device_and_on_a_4x2_mesh(smoke):
+@pytest.mark.parametrize("build", [federated.build_rounds, federated.build_fedgen],
+                         ids=["fedavg", "fedgen"])
+def test_the_same_rounds_on_one_device_and_on_a_4x2_mesh(smoke, build):
     config, splits = smoke
     config = config.copy_and_resolve_references()
     config.federated.update(num_clients=8, clients_per_round=4)
     results = []
     for spec in ({"population": 1, "data": 1}, {"population": 4, "data": 2}):
         device_mesh = mesh_lib.make_mesh(spec, jax.devices()[:np.prod(list(spec.values()))])
-        loop = fedavg(config, splits, mesh=device_mesh)
+        loop = dataclasses.replace(build(config, splits, jax.random.PRNGKey(0)).phases[0].loop,
+                                   mesh=device_mesh)
         state = loop.init(jax.random.PRNGKey(1), splits)
         state, _ = jax.jit(loop.outer_step)(state, loop.batches(splits, seed=0, start_step=0))
-        results.append(state.params)
+        results.append((state.params, state.generator))
     kernel = jax.tree_util.tree_leaves(results[1])[0]
     assert len(kernel.sharding.device_set) == 8
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
