@@ -4,7 +4,9 @@ Shapes of the released MNIST set-up (`configs/l2t_dln.py:mnist_5k,released`): th
 BatchNorm, conv 20/50 and FC 800-800-500-10 (1,072,020 parameters), 28x28x1 inputs,
 K = 15 SGD steps (lr 0.1) on batches of 25, a validation batch of 100, the DLN
 4-40-40-40-40-1 (5,000 weights) and the coordinate-wise LSTM teacher 2-64-64-64-1
-(Adam 1e-3). Data are random (only shapes matter for cost).
+(Adam 1e-3). Data are random (only shapes matter for cost). `bench` takes smaller K and
+batch sizes for quick checks (`benchmarks/gpu_check.py --dry`), and runs the PyTorch side
+on the device it is given (CPU by default).
 
 * ``jax``: one `jax.jit` of `DLNTeaching.outer_step` from `l2t_jax.methods.dln`.
 * ``torch``: the same three stages written here with `torch.autograd.grad(...,
@@ -17,17 +19,25 @@ The two sides share shapes and math, not initial values; their gradients are not
 compared (the MLP meta-gradients of `benchmarks/meta_grad.py` are). Both records carry
 ``gflop``, XLA's count of the iteration's floating-point operations (`iteration_gflop`;
 the same math on both sides), so ``gflop / median_s`` compares how fast each framework
-runs the same work.
+runs the same work (XLA counts it on the host CPU: `benchmarks.meta_grad.xla_gflop`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import types
 
 import numpy as np
 
 from benchmarks._records import timing_record
-from benchmarks.meta_grad import interleaved_times, peak_rss_growth_mb
+from benchmarks.meta_grad import (
+    completed_loop_gflop,
+    host_cpu,
+    interleaved_times,
+    peak_rss_growth_mb,
+    step_and_transpose_gflop,
+    xla_gflop,
+)
 
 K, BATCH, VAL_BATCH, LR, DLN_STEP, TEACHER_LR = 15, 25, 100, 0.1, 1e-3, 1e-3
 NUM_CLASSES = 10
@@ -35,13 +45,13 @@ BN_MOMENTUM, BN_EPS = 0.9, 1e-5  # the students' BatchNorm (PyTorch's defaults)
 STUDENT = "lenet5-bn"
 
 
-def _data(seed: int = 0):
+def _data(steps: int, batch: int, val_batch: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     return {
-        "x": rng.normal(size=(K, BATCH, 28, 28, 1)).astype(np.float32),
-        "y": rng.integers(0, NUM_CLASSES, (K, BATCH)).astype(np.int32),
-        "val_x": rng.normal(size=(VAL_BATCH, 28, 28, 1)).astype(np.float32),
-        "val_y": rng.integers(0, NUM_CLASSES, VAL_BATCH).astype(np.int32),
+        "x": rng.normal(size=(steps, batch, 28, 28, 1)).astype(np.float32),
+        "y": rng.integers(0, NUM_CLASSES, (steps, batch)).astype(np.int32),
+        "val_x": rng.normal(size=(val_batch, 28, 28, 1)).astype(np.float32),
+        "val_y": rng.integers(0, NUM_CLASSES, val_batch).astype(np.int32),
     }
 
 
@@ -74,44 +84,32 @@ def make_jax(data: dict):
     return call
 
 
-def _xla_gflop(fn, *args) -> float:
-    import jax
-
-    analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
-    analysis = analysis[0] if isinstance(analysis, list) else analysis
-    return analysis["flops"] / 1e9
-
-
 def iteration_gflop(method, state, batches) -> float:
     """XLA's count of one iteration's floating-point operations, in GFLOP.
 
-    XLA's cost analysis counts a while loop's body once, whatever its trip count; so the
-    iteration is counted on K = 2 and K = 3 steps (which must agree: else the loop was
-    unrolled and this accounting is wrong), and the 2 (K - 1) steps the count leaves out
-    (stages A and B each run K) are added, each a forward step plus its transpose.
+    Counted on the host CPU (`xla_gflop`), at K = 2 and K = 3 steps, completed by
+    `completed_loop_gflop`: each further step adds two (stages A and B each run K), each
+    a forward step plus its transpose.
     """
     import jax
 
-    def first(n):
-        return {**batches, "train": jax.tree_util.tree_map(lambda a: a[:n], batches["train"])}
+    cpu = host_cpu()
+    with jax.default_device(cpu):
+        state, batches = jax.device_put((state, batches), cpu)
 
-    counted = [_xla_gflop(method.outer_step, state, first(n)) for n in (2, 3)]
-    if abs(counted[0] - counted[1]) > 1e-6 * counted[0]:
-        raise AssertionError(f"XLA counted loop bodies per trip: {counted}")
-    step_fn = method.student_teaching.step_fn(batches)
-    one = jax.tree_util.tree_map(lambda a: a[0], batches["train"])
+        def count_at(n):
+            first = jax.tree_util.tree_map(lambda a: a[:n], batches["train"])
+            return xla_gflop(method.outer_step, state, {**batches, "train": first})
 
-    def step_and_transpose(phi, student):
-        new, pullback = jax.vjp(lambda p, s: step_fn(p, s, one)[0], phi, student)
-        return pullback(new)
-
-    per_step = _xla_gflop(step_and_transpose, state["dln"], state["student"])
-    num_steps = batches["train"]["y"].shape[0]
-    return counted[0] + 2 * (num_steps - 1) * per_step
+        one = jax.tree_util.tree_map(lambda a: a[0], batches["train"])
+        per_step = step_and_transpose_gflop(method.student_teaching.step_fn(batches),
+                                            state.loss_params, state.student, one)
+        return completed_loop_gflop(count_at, batches["train"]["y"].shape[0], 2 * per_step)
 
 
-def make_torch(data: dict):
-    """``call()`` running one PyTorch L2T-DLN iteration (see the module docstring)."""
+def make_torch(data: dict, device: str = "cpu"):
+    """``call()`` running one PyTorch L2T-DLN iteration (see the module docstring) on
+    `device`; it returns the validation loss as a float, so the device has finished."""
     import torch
     import torch.nn.functional as F
 
@@ -133,25 +131,27 @@ def make_torch(data: dict):
         "f2w": lecun(500, 800), "f2b": torch.zeros(500),
         "f3w": lecun(10, 500), "f3b": torch.zeros(10),
     }
-    bn_state = {"m1": torch.zeros(20), "v1": torch.ones(20),
-                "m2": torch.zeros(50), "v2": torch.ones(50)}
+    student = {k: v.to(device) for k, v in student.items()}
+    bn_state = {"m1": torch.zeros(20, device=device), "v1": torch.ones(20, device=device),
+                "m2": torch.zeros(50, device=device), "v2": torch.ones(50, device=device)}
     widths = (4, 40, 40, 40, 40, 1)
-    dln = [normal(a, b, std=np.sqrt(2.0 / b)) for a, b in zip(widths[:-1], widths[1:])]
+    dln = [normal(a, b, std=np.sqrt(2.0 / b)).to(device)
+           for a, b in zip(widths[:-1], widths[1:])]
     sizes = (2, 64, 64, 64, 1)
     teacher = []
     for a, b in zip(sizes[:-1], sizes[1:]):
         bound = 1 / np.sqrt(64)
         teacher += [(torch.rand(n, generator=gen) * 2 - 1) * bound for n in
                     ((a, 4 * b), (b, 4 * b), (4 * b,), (4 * b,))]
-    teacher = [t.requires_grad_() for t in teacher]
+    teacher = [t.to(device).requires_grad_() for t in teacher]
     teacher_opt = torch.optim.Adam(teacher, lr=TEACHER_LR)
     num_dln = sum(p.numel() for p in dln)
-    memory = [torch.zeros(num_dln, b) for b in sizes[1:] for _ in range(2)]
+    memory = [torch.zeros(num_dln, b, device=device) for b in sizes[1:] for _ in range(2)]
 
-    xs = torch.from_numpy(data["x"]).permute(0, 1, 4, 2, 3).contiguous()
-    ys = torch.from_numpy(data["y"]).long()
-    val_x = torch.from_numpy(data["val_x"]).permute(0, 3, 1, 2).contiguous()
-    val_y = torch.from_numpy(data["val_y"]).long()
+    xs = torch.from_numpy(data["x"]).permute(0, 1, 4, 2, 3).contiguous().to(device)
+    ys = torch.from_numpy(data["y"]).long().to(device)
+    val_x = torch.from_numpy(data["val_x"]).permute(0, 3, 1, 2).contiguous().to(device)
+    val_y = torch.from_numpy(data["val_y"]).long().to(device)
 
     def lenet(p, bn, x, train):
         new_bn = {}
@@ -186,7 +186,7 @@ def make_torch(data: dict):
 
     def unroll_val_ce(phi, p0, bn):
         params = [p0[n].detach().requires_grad_() for n in names]
-        for i in range(K):
+        for i in range(len(xs)):
             logits, bn = lenet(dict(zip(names, params)), bn, xs[i], True)
             grads = torch.autograd.grad(dln_loss(phi, logits, ys[i]), params,
                                         create_graph=True)
@@ -238,9 +238,22 @@ def make_torch(data: dict):
     return call
 
 
-def bench(threads: int, repeats: int) -> list[dict]:
-    """``dln_iteration`` records for ``jax`` (if the method exists) and ``torch``."""
-    data = _data()
+def bench(threads: int, repeats: int, steps: int = K, batch: int = BATCH,
+          val_batch: int = VAL_BATCH, torch_device: str | None = "cpu") -> list[dict]:
+    """``dln_iteration`` records for ``jax`` (if the method exists) and ``torch``.
+
+    Args:
+        threads: recorded as the records' ``threads``.
+        repeats: timed calls of each side, after one warm-up call.
+        steps: K, student steps per iteration.
+        batch: training batch size.
+        val_batch: validation batch size.
+        torch_device: where the PyTorch side runs; None (or no torch): JAX side only.
+
+    Returns:
+        One record per side that ran.
+    """
+    data = _data(steps, batch, val_batch)
     calls = {}
     jax_call = make_jax(data)
     if jax_call is None:
@@ -248,17 +261,14 @@ def bench(threads: int, repeats: int) -> list[dict]:
     else:
         jax_call()  # first call: warm-up
         calls["jax"] = jax_call
-    try:
-        torch_call = make_torch(data)
-    except ImportError:
-        torch_call = None
-    if torch_call is not None:
+    if torch_device is not None and importlib.util.find_spec("torch") is not None:
+        torch_call = make_torch(data, torch_device)
         torch_call()
         calls["torch"] = torch_call
     times = interleaved_times(calls, repeats)
     gflop = {"gflop": jax_call.gflop} if jax_call is not None else {}
     return [
-        timing_record("dln_iteration", name, STUDENT, K, threads, times[name],
-                      peak_rss_growth_mb(call), batch=BATCH, val_batch=VAL_BATCH, **gflop)
+        timing_record("dln_iteration", name, STUDENT, steps, threads, times[name],
+                      peak_rss_growth_mb(call), batch=batch, val_batch=val_batch, **gflop)
         for name, call in calls.items()
     ]

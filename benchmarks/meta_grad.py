@@ -24,6 +24,10 @@ Every record's ``peak_mb`` is the growth of the process's peak resident set duri
 call (the kernel's VmHWM, reset through /proc/self/clear_refs before the call); memory the
 allocator kept from earlier calls is reused without showing here, so it is a lower bound.
 
+``unroll_gflop(student, T)`` is XLA's count of the floating-point operations of the
+``meta_grad`` and ``forward_unroll`` programs (`completed_loop_gflop` explains how a
+loop's trips are counted).
+
 `bench_population(student, T)` times 16 students (each its own initial weights and
 teacher parameters, one shared data stream) as one `jax.vmap`-ed meta-gradient against
 16 sequential calls of the single-student one.
@@ -33,6 +37,7 @@ Entry point: `python -m benchmarks.run` (see `benchmarks/run.py`).
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -226,6 +231,90 @@ def bench_case(
         records.append(timing_record(f"compile_remat_{policy}", "jax", *common, compile_s[policy],
                               None))
     return records
+
+
+def host_cpu() -> jax.Device:
+    """The host CPU device, on which FLOPs are counted (see `xla_gflop`)."""
+    return jax.devices("cpu")[0]
+
+
+def xla_gflop(fn, *args) -> float:
+    """XLA's count of the floating-point operations of ``jax.jit(fn)(*args)``, in GFLOP.
+
+    Compiled where `args` live (the default device for uncommitted ones). Callers count on
+    the host CPU (`host_cpu`): the count is the program's math whatever device runs it,
+    and XLA:CPU keeps a `lax.scan` as one while loop, whose body it counts once
+    (`completed_loop_gflop`), where a GPU compiler may unroll a loop of two or three trips.
+    The count is taken on XLA's optimized HLO, before code generation: so LLVM's
+    optimizations are switched off, which makes the compile faster and leaves the count
+    as it is.
+    """
+    compiled = jax.jit(fn).lower(*args).compile({"xla_backend_optimization_level": 0})
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, list) else analysis
+    return analysis["flops"] / 1e9
+
+
+def step_and_transpose_gflop(step_fn, phi, state, batch) -> float:
+    """GFLOP of one inner step and its transpose: what each step of an unroll adds to a
+    reverse-mode meta-gradient (forward loop body plus backward loop body)."""
+
+    def step_and_transpose(phi, state):
+        new, pullback = jax.vjp(lambda p, s: step_fn(p, s, batch)[0], phi, state)
+        return pullback(new)
+
+    return xla_gflop(step_and_transpose, phi, state)
+
+
+def completed_loop_gflop(count_at, num_steps: int, step_gflop: float) -> float:
+    """XLA's count of a program over `num_steps` inner steps, every loop trip included.
+
+    XLA's cost analysis counts a while loop's body once, whatever its trip count; so the
+    program is counted at 2 and 3 steps (which must agree: else the loop was unrolled and
+    this accounting is wrong), and the `num_steps` - 1 trips the count leaves out are
+    added, each `step_gflop`.
+
+    Args:
+        count_at: ``count_at(n)``, XLA's GFLOP of the program over n steps.
+        num_steps: T, the steps the timed program takes.
+        step_gflop: GFLOP one more step adds to the program (in all its loops).
+
+    Returns:
+        GFLOP of the program over `num_steps` steps.
+    """
+    counted = [count_at(n) for n in (2, 3)]
+    if abs(counted[0] - counted[1]) > 1e-6 * counted[0]:
+        raise AssertionError(f"XLA counted loop bodies per trip: {counted}")
+    return counted[0] + (num_steps - 1) * step_gflop
+
+
+@functools.cache
+def unroll_gflop(student: str, num_steps: int) -> dict:
+    """GFLOP of the ``meta_grad`` (remat "none") and ``forward_unroll`` programs of
+    `bench_case`, counted by XLA on the host CPU (`xla_gflop`); cached, as the count
+    depends on nothing else.
+
+    Returns:
+        ``{"meta_grad": ..., "forward_unroll": ...}``.
+    """
+    with jax.default_device(host_cpu()):
+        problems = {n: make_problem(student, n)[0] for n in (2, 3)}
+        step_fn, _, (meta_params, state, batches) = problems[2]
+        one = jax.tree_util.tree_map(lambda a: a[0], batches)
+        per_step = {
+            "meta_grad": step_and_transpose_gflop(step_fn, meta_params, state, one),
+            "forward_unroll": xla_gflop(lambda p, s: step_fn(p, s, one)[0], meta_params,
+                                        state),
+        }
+        makes = {"meta_grad": make_meta_grad, "forward_unroll": make_forward}
+
+        def count_at(name, n):
+            n_step_fn, objective, args = problems[n]
+            return xla_gflop(makes[name](n_step_fn, objective, "none"), *args)
+
+        return {name: completed_loop_gflop(lambda n, name=name: count_at(name, n), num_steps,
+                                           per_step[name])
+                for name in makes}
 
 
 def stack_members(trees):

@@ -10,10 +10,11 @@ trained student, differentiated with respect to the loss parameters (W, b). Vari
 * ``torch-higher``: `higher.innerloop_ctx` with a differentiable `torch.optim.SGD`;
 * ``torchopt``: `torchopt.MetaSGD` on an `nn.Module`.
 
-Each variant is ``make(problem) -> call() -> (dev loss, dW, db)`` as NumPy values; the
-problem's tensors are built once, outside the timed call. The PyTorch side gets its best
-CPU settings: `torch.set_num_threads` equal to the JAX side's thread count, one
-inter-op thread, no autograd anomaly mode, no profiler.
+Each variant is ``make(problem, device="cpu") -> call() -> (dev loss, dW, db)`` as NumPy
+values; the problem's tensors are built once on `device`, outside the timed call, and the
+call ends by copying its results to the host, which waits for the device. The PyTorch
+side gets its best CPU settings: `torch.set_num_threads` equal to the JAX side's thread
+count, one inter-op thread, no autograd anomaly mode, no profiler.
 """
 
 from __future__ import annotations
@@ -35,12 +36,12 @@ def configure(threads: int) -> None:
     torch.autograd.set_detect_anomaly(False)
 
 
-def _tensors(problem: dict) -> dict:
-    t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in problem.items()
+def _tensors(problem: dict, device: str) -> dict:
+    t = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in problem.items()
          if isinstance(v, np.ndarray)}
     t["ys"] = t["ys"].long()
     t["dev_y"] = t["dev_y"].long()
-    t["params"] = [torch.from_numpy(np.array(p)) for p in problem["params"]]
+    t["params"] = [torch.from_numpy(np.array(p)).to(device) for p in problem["params"]]
     return t
 
 
@@ -57,11 +58,11 @@ def bilinear_sigmoid_loss(weight, bias, logits, labels):
 
 
 def _result(dev, grads):
-    return dev.item(), grads[0].detach().numpy(), grads[1].detach().numpy()
+    return dev.item(), grads[0].detach().cpu().numpy(), grads[1].detach().cpu().numpy()
 
 
-def make_autograd(problem: dict):
-    t, lr, steps = _tensors(problem), problem["lr"], problem["xs"].shape[0]
+def make_autograd(problem: dict, device: str = "cpu"):
+    t, lr, steps = _tensors(problem, device), problem["lr"], problem["xs"].shape[0]
 
     def call():
         weight = t["W"].clone().requires_grad_()
@@ -77,8 +78,8 @@ def make_autograd(problem: dict):
     return call
 
 
-def make_func(problem: dict):
-    t, lr, steps = _tensors(problem), problem["lr"], problem["xs"].shape[0]
+def make_func(problem: dict, device: str = "cpu"):
+    t, lr, steps = _tensors(problem, device), problem["lr"], problem["xs"].shape[0]
 
     def inner_loss(params, weight, bias, x, y):
         return bilinear_sigmoid_loss(weight, bias, mlp(params, x), y)
@@ -107,8 +108,8 @@ class TorchMLP(torch.nn.Module):
     def __init__(self, params):
         super().__init__()
         k1, b1, k2, b2 = params
-        self.fc1 = torch.nn.Linear(*k1.shape)
-        self.fc2 = torch.nn.Linear(*k2.shape)
+        self.fc1 = torch.nn.Linear(*k1.shape, device=k1.device)
+        self.fc2 = torch.nn.Linear(*k2.shape, device=k2.device)
         with torch.no_grad():
             self.fc1.weight.copy_(k1.T)
             self.fc1.bias.copy_(b1)
@@ -119,10 +120,10 @@ class TorchMLP(torch.nn.Module):
         return self.fc2(torch.relu(self.fc1(x)))
 
 
-def make_higher(problem: dict):
+def make_higher(problem: dict, device: str = "cpu"):
     import higher
 
-    t, lr, steps = _tensors(problem), problem["lr"], problem["xs"].shape[0]
+    t, lr, steps = _tensors(problem, device), problem["lr"], problem["xs"].shape[0]
     model = TorchMLP(t["params"])
     opt = torch.optim.SGD(model.parameters(), lr=lr)
 
@@ -138,10 +139,10 @@ def make_higher(problem: dict):
     return call
 
 
-def make_torchopt(problem: dict):
+def make_torchopt(problem: dict, device: str = "cpu"):
     import torchopt
 
-    t, lr, steps = _tensors(problem), problem["lr"], problem["xs"].shape[0]
+    t, lr, steps = _tensors(problem, device), problem["lr"], problem["xs"].shape[0]
 
     def call():
         model = TorchMLP(t["params"])  # MetaSGD replaces its parameters as it steps
