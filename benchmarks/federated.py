@@ -10,7 +10,7 @@ the size-weighted average:
 * ``federated_loop``: the same math as a Python loop: one jitted call of a client's local
   training per client, then the jitted weighted average.
 
-The two give the same global model (checked, rtol 1e-4) before timing. Records
+The two give the same global model (checked: rtol 1e-4, atol 1e-5) before timing. Records
 (`docs/federated.json`) follow the project layout plus ``clients`` (K) and
 ``clients_per_s`` = K / median_s. One device, the threads the process has.
 
@@ -102,7 +102,7 @@ def bench(num_clients: int, repeats: int, seed: int) -> list[dict]:
     looped = jax.block_until_ready(run())  # compiles the client program once
     for a, b in zip(jax.tree_util.tree_leaves(new_state.params),
                     jax.tree_util.tree_leaves(looped)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
     loop_times = []
     for _ in range(repeats):
         start = time.perf_counter()
