@@ -99,8 +99,15 @@ CASES = [
     ("results", [*RESULTS, "--set=train.num_steps=abc"], "train.num_steps"),
     ("results", [*RESULTS, "--set=train.num_steps=-5"], "num_steps"),
     ("results", [*RESULTS, "--set=episodes=3"], "section.field=value"),
+    # The Flower launcher.
+    ("flower", ["--config=configs/federated.py:digits,smoke", "--config.method=l2t-fedgen",
+                "--workdir={new}"], "does not run on Flower"),
+    ("flower", ["--config=configs/federated.py:digits,smoke",
+                "--config.federated.clients_per_round=9", "--workdir={new}"],
+     "clients_per_round"),
 ]
-LAUNCHERS = {"train": "launch.train", "plot": "launch.plot", "results": "launch.results"}
+LAUNCHERS = {"train": "launch.train", "plot": "launch.plot", "results": "launch.results",
+             "flower": "launch.flower"}
 
 
 @pytest.fixture(scope="module")

@@ -208,10 +208,12 @@ def test_l2t_fedgen_meta_gradient_matches_differences_and_a_loop_float64(x64):
                for k in ("x", "y", "gen_y", "gen_noise")}
     teacher = {"theta": jnp.asarray([[0.3]]), "bias": jnp.asarray([0.2])}
     rng = jax.random.PRNGKey(2)
+    client_rngs = jax.random.split(rng, 2)
 
+    @jax.jit
     def objective(params):
-        return loop.round_objective(params, server, clients, batches["weights"][0], rng,
-                                    batches["dev"])[0]
+        return loop.round_objective(params, server, clients, batches["weights"][0],
+                                    client_rngs, batches["dev"])[0]
 
     def loop_objective(params):  # the same round, one client at a time
         multiplier = loop.teacher.weights(params, jnp.asarray([1 / 4]))["multiplier"]
@@ -220,7 +222,7 @@ def test_l2t_fedgen_meta_gradient_matches_differences_and_a_loop_float64(x64):
         step_fn = engine.make_student_step(loop.model, cross_entropy_loss, loop.tx,
                                            params_loss_fn=loop.generator.client_term(2))
         trained = []
-        for k, client_rng in enumerate(jax.random.split(rng, 2)):
+        for k, client_rng in enumerate(client_rngs):
             client = engine.StudentState.create(server.params, client_rng, tx=loop.tx)
             trained.append(engine.unroll(step_fn, meta, client,
                                          {key: v[k] for key, v in clients.items()})[0].params)
@@ -229,10 +231,10 @@ def test_l2t_fedgen_meta_gradient_matches_differences_and_a_loop_float64(x64):
         final = engine.StudentState.create(averaged, rng, tx=loop.tx)
         return loop.teacher_update.dev_objective_fn(loop.model, batches["dev"])(None, final)[0]
 
-    grad = jax.grad(objective)(teacher)
+    grad = jax.jit(jax.grad(objective))(teacher)
     assert float(jnp.abs(grad["theta"][0, 0])) > 1e-6  # the round's weight matters
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
-                           grad, jax.grad(loop_objective)(teacher))
+                           grad, jax.jit(jax.grad(loop_objective))(teacher))
     eps = 1e-6
     for name in ("theta", "bias"):
         step = jax.tree_util.tree_map(jnp.zeros_like, teacher)

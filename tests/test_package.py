@@ -17,7 +17,7 @@ import configs
 from launch import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMANDS = ("l2t-train", "l2t-results", "l2t-plot", "l2t-methods")
+COMMANDS = ("l2t-train", "l2t-results", "l2t-plot", "l2t-methods", "l2t-flower")
 # Not part of a source tree: environments, build outputs, runs.
 _NOT_SOURCE = {".git", ".venv", "venv", "build", "dist", ".pytest_cache"}
 

@@ -271,26 +271,15 @@ class FederatedRounds:
         if self.mesh is not None:
             slots = mesh.host_population_slice(self.mesh, self.clients_per_round)
             examples = mesh.host_batch_slice(self.mesh, self.batch_size)
-        per_round = self.local_steps * self.batch_size
-        index = np.stack([
-            np.stack([
-                self.partition.indices[client][data.stream_indices(
-                    len(self.partition.indices[client]), (seed, int(client)),
-                    r * per_round, per_round)]
-                for client in clients[slots]])
-            for r, clients in zip(rounds, sampled)
-        ])  # (R, K_host, E * B)
-        index = index.reshape(len(rounds), index.shape[1], self.local_steps, self.batch_size)
-        local = {"x": splits.train.x[index], "y": splits.train.y[index]}
-        sizes = self.partition.sizes[sampled].astype(np.float32)
-        shared = {"weights": sizes / sizes.sum(axis=1, keepdims=True)}
-        if self.generator is not None:
-            local.update(self.generated(seed, rounds, sampled, slots))
-            counts = self.partition.label_counts[sampled].astype(np.float32)  # (R, K, C)
-            shared["label_weights"] = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+        local = [[self.client_batches(splits, seed, r, int(client)) for client in clients[slots]]
+                 for r, clients in zip(rounds, sampled)]
         # (R, K_host, E, B, ...) -> (K_host, R * E, B_host, ...)
+        local = {key: np.stack([np.stack([own[key] for own in slots_of_round])
+                                for slots_of_round in local]) for key in local[0][0]}
         local = {k: np.swapaxes(v, 0, 1)[:, :, :, examples] for k, v in local.items()}
         local = {k: v.reshape(v.shape[0], -1, *v.shape[3:]) for k, v in local.items()}
+        per_round = [self.round_weights(clients) for clients in sampled]
+        shared = {k: np.stack([w[k] for w in per_round]) for k in per_round[0]}
         if self.mesh is not None:
             local = mesh.global_batches(self.mesh, local,
                                         population_size=self.clients_per_round,
@@ -299,19 +288,25 @@ class FederatedRounds:
             shared["dev"] = {"x": splits.meta_dev.x, "y": splits.meta_dev.y}
         return {**local, **shared}
 
-    def generated(self, seed: int, rounds: range, sampled: np.ndarray, slots: slice) -> dict:
-        """The labels y~ (uniform over the labels the round's clients hold) and noise of
-        each client's FedGen term, (R, K_host, E, B) and (R, K_host, E, B, noise_dim)."""
-        shape = (self.local_steps, self.batch_size)
-        labels, noise = [], []
-        for r, clients in zip(rounds, sampled):
+    def client_batches(self, splits: data.Splits, seed: int, round_index: int,
+                       client: int) -> dict:
+        """What client `client` trains on in round `round_index`: ``x`` (E, B, ...) and
+        ``y`` (E, B) from its own stream, and with a generator its FedGen term's labels
+        ``gen_y`` (E, B), drawn uniformly from the labels the round's clients hold, and
+        noise ``gen_noise`` (E, B, noise_dim). A client computes them alone (Flower)."""
+        own = self.partition.indices[client]
+        per_round = self.local_steps * self.batch_size
+        index = own[data.stream_indices(len(own), (seed, client), round_index * per_round,
+                                        per_round)].reshape(self.local_steps, self.batch_size)
+        batches = {"x": splits.train.x[index], "y": splits.train.y[index]}
+        if self.generator is not None:
+            clients = self.sampled_clients(seed, round_index)
             held = np.flatnonzero(self.partition.label_counts[clients].sum(axis=0))
-            draws = [np.random.default_rng([seed, r, int(client)]) for client in clients[slots]]
-            labels.append(np.stack([rng.choice(held, shape) for rng in draws]))
-            noise.append(np.stack([
-                rng.standard_normal((*shape, self.generator.noise_dim), np.float32)
-                for rng in draws]))
-        return {"gen_y": np.stack(labels).astype(np.int32), "gen_noise": np.stack(noise)}
+            rng = np.random.default_rng([seed, round_index, client])
+            batches["gen_y"] = rng.choice(held, index.shape).astype(np.int32)
+            batches["gen_noise"] = rng.standard_normal(
+                (*index.shape, self.generator.noise_dim), np.float32)
+        return batches
 
     def outer_step(self, state: ServerState, batches: dict):
         """`steps_per_call` rounds of local training and weighted averaging."""
@@ -331,27 +326,63 @@ class FederatedRounds:
             if self.mesh is not None:
                 client_batches = jax.lax.with_sharding_constraint(
                     client_batches, mesh.batch_sharding(self.mesh))
-            rng, round_rng, generator_rng = jax.random.split(server.rng, 3)
+            rng, client_rngs, generator_rng = self.round_keys(server)
             metrics = {}
             if self.teacher is None:
                 weight = None if self.generator is None else self.term_weight(server)
                 new_server, clients, round_metrics = self.train_clients(
-                    server, weight, client_batches, shared["weights"], round_rng)
+                    server, weight, client_batches, shared["weights"], client_rngs)
             else:
                 new_server, clients, round_metrics, metrics = self.taught_round(
-                    server, client_batches, shared["weights"], round_rng, batches["dev"])
+                    server, client_batches, shared["weights"], client_rngs, batches["dev"])
             metrics.update(jax.tree_util.tree_map(jnp.mean, round_metrics))
-            new_server = new_server.replace(rng=rng)
-            if self.generator is not None:
-                generator, opt_state, generator_metrics = self.generator.train(
-                    server.generator, server.generator_opt_state, clients.params,
-                    shared["label_weights"], generator_rng, len(self.model.hidden))
-                new_server = new_server.replace(generator=generator,
-                                                generator_opt_state=opt_state)
-                metrics.update(generator_metrics)
-            return new_server, metrics
+            new_server, generator_metrics = self.finish_round(
+                server, new_server, clients.params, shared.get("label_weights"),
+                generator_rng, rng)
+            return new_server, {**metrics, **generator_metrics}
 
         return jax.lax.scan(one_round, state, inputs)
+
+    def round_keys(self, server: ServerState) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``(next server key, the clients' keys (K, 2), the generator's key)`` of the
+        round that starts at `server`."""
+        rng, round_rng, generator_rng = jax.random.split(server.rng, 3)
+        return rng, jax.random.split(round_rng, self.clients_per_round), generator_rng
+
+    def averaged(self, server: ServerState, client_params, client_model_state,
+                 weights: jax.Array) -> ServerState:
+        """The server after the round's local training: the clients' (stacked) parameters
+        and model state averaged with `weights` (K,), its round counter advanced."""
+        def average(stacked):
+            return jnp.tensordot(weights.astype(stacked.dtype), stacked, axes=1)
+
+        return server.replace(params=jax.tree_util.tree_map(average, client_params),
+                              model_state=jax.tree_util.tree_map(average, client_model_state),
+                              round=server.round + 1)
+
+    def round_weights(self, sampled: np.ndarray) -> dict:
+        """The server's weights of a round's clients `sampled` (K,): ``weights`` (K,),
+        each client's share of their examples, and with a generator ``label_weights``
+        (K, C), each client's share of each label among them."""
+        sizes = self.partition.sizes[sampled].astype(np.float32)
+        weights = {"weights": sizes / sizes.sum()}
+        if self.generator is not None:
+            counts = self.partition.label_counts[sampled].astype(np.float32)
+            weights["label_weights"] = counts / np.maximum(counts.sum(axis=0), 1)
+        return weights
+
+    def finish_round(self, server: ServerState, averaged: ServerState, client_params,
+                     label_weights: jax.Array | None, generator_rng: jax.Array,
+                     rng: jax.Array) -> tuple[ServerState, dict]:
+        """The round's end on the server: its next key and, with a generator, FedGen's
+        generator trained on the round's clients' heads (`client_params`, stacked)."""
+        averaged = averaged.replace(rng=rng)
+        if self.generator is None:
+            return averaged, {}
+        generator, opt_state, metrics = self.generator.train(
+            server.generator, server.generator_opt_state, client_params, label_weights,
+            generator_rng, len(self.model.hidden))
+        return averaged.replace(generator=generator, generator_opt_state=opt_state), metrics
 
     def term_weight(self, server: ServerState, multiplier: jax.Array = 1.0) -> jax.Array:
         """a_r of the FedGen term in round ``server.round``, times `multiplier`; 0 in
@@ -360,7 +391,7 @@ class FederatedRounds:
         return jnp.where(server.round > 0, weight, 0.0)
 
     def train_clients(self, server: ServerState, weight: jax.Array | None,
-                      client_batches: dict, weights: jax.Array, rng: jax.Array):
+                      client_batches: dict, weights: jax.Array, client_rngs: jax.Array):
         """One round's local training of the K clients and their weighted average.
 
         Args:
@@ -368,7 +399,7 @@ class FederatedRounds:
             weight: the FedGen term's weight; None without a generator.
             client_batches: the clients' batches, (K, E, B, ...).
             weights: (K,) the clients' size shares.
-            rng: the round's PRNG key (split into the clients').
+            client_rngs: (K, 2) the clients' PRNG keys (`round_keys`).
 
         Returns:
             ``(server, clients, metrics)``: the server with the averaged model, the
@@ -376,35 +407,43 @@ class FederatedRounds:
             `weight`.
         """
         meta_params = None
-        params_loss_fn = None
         if self.generator is not None:
             meta_params = {"generator": server.generator, "weight": weight}
-            params_loss_fn = self.generator.client_term(len(self.model.hidden))
-        step_fn = engine.make_student_step(self.model, cross_entropy_loss, self.tx,
-                                           params_loss_fn=params_loss_fn)
 
         def local_training(client_rng, own_batches):
-            client = engine.StudentState.create(server.params, client_rng, tx=self.tx,
-                                                model_state=server.model_state)
-            return engine.unroll(step_fn, meta_params, client, own_batches)
+            return self.local_training(server, meta_params, client_rng, own_batches)
 
-        clients, metrics = jax.vmap(local_training)(
-            jax.random.split(rng, self.clients_per_round), client_batches)
-
-        def average(stacked):
-            return jnp.tensordot(weights.astype(stacked.dtype), stacked, axes=1)
-
-        server = server.replace(params=jax.tree_util.tree_map(average, clients.params),
-                                model_state=jax.tree_util.tree_map(average,
-                                                                   clients.model_state),
-                                round=server.round + 1)
+        clients, metrics = jax.vmap(local_training)(client_rngs, client_batches)
+        server = self.averaged(server, clients.params, clients.model_state, weights)
         if weight is not None:
             metrics = {**metrics, "fedgen/weight": jnp.broadcast_to(
                 weight, (self.clients_per_round, self.local_steps))}
         return server, clients, metrics
 
+    def local_training(self, server: ServerState, meta_params, client_rng: jax.Array,
+                       own_batches: dict) -> tuple[engine.StudentState, dict]:
+        """One client's E local steps from the server's model (`client_batches`).
+
+        Args:
+            server: the server's state (its model; its generator, if any).
+            meta_params: ``{"generator", "weight"}`` of the FedGen term; None without.
+            client_rng: the client's PRNG key for the round.
+            own_batches: its batches, (E, B, ...).
+
+        Returns:
+            ``(client, metrics)``: the trained client and its per-step metrics.
+        """
+        params_loss_fn = None
+        if self.generator is not None:
+            params_loss_fn = self.generator.client_term(len(self.model.hidden))
+        step_fn = engine.make_student_step(self.model, cross_entropy_loss, self.tx,
+                                           params_loss_fn=params_loss_fn)
+        client = engine.StudentState.create(server.params, client_rng, tx=self.tx,
+                                            model_state=server.model_state)
+        return engine.unroll(step_fn, meta_params, client, own_batches)
+
     def round_objective(self, teacher_params, server: ServerState, client_batches: dict,
-                        weights: jax.Array, rng: jax.Array, dev: dict):
+                        weights: jax.Array, client_rngs: jax.Array, dev: dict):
         """The server's dev objective after one round under the loss teacher's weight.
 
         Returns:
@@ -415,18 +454,18 @@ class FederatedRounds:
         features = jnp.stack([server.round / self.total_rounds]).astype(jnp.float32)
         multiplier = self.teacher.weights(teacher_params, features)["multiplier"]
         new_server, clients, metrics = self.train_clients(
-            server, self.term_weight(server, multiplier), client_batches, weights, rng)
+            server, self.term_weight(server, multiplier), client_batches, weights, client_rngs)
         objective = self.teacher_update.dev_objective_fn(self.model, dev)
         value, aux = objective(None, self.student(new_server))
         return value, (new_server, clients, metrics, aux)
 
     def taught_round(self, server: ServerState, client_batches: dict, weights: jax.Array,
-                     rng: jax.Array, dev: dict):
+                     client_rngs: jax.Array, dev: dict):
         """A round whose FedGen weight the loss teacher sets, and the teacher's update
         by the exact meta-gradient of the round's dev objective (`round_objective`)."""
         (value, (new_server, clients, metrics, aux)), grad = jax.value_and_grad(
             self.round_objective, has_aux=True)(server.teacher, server, client_batches,
-                                                weights, rng, dev)
+                                                weights, client_rngs, dev)
         teacher, opt_state, meta_metrics = self.teacher_update.apply(
             server.teacher, server.teacher_opt_state,
             engine.MetaGradient(value, grad, None, {}, aux))
