@@ -5,7 +5,7 @@ r"""Runs a federated config on Flower's simulation engine: one SuperNode per cli
 
 The same clients, rounds and global model as `launch.train` on the config (one program),
 with each client a Flower `ClientApp` and the server a `ServerApp` (`l2t_jax.flower`);
-methods: fedavg, fedgen. Writes DIR/config.json and DIR/summary.json: the server's
+methods: fedavg, fedgen, l2t-fedgen. Writes DIR/config.json and DIR/summary.json: the server's
 model after the last round, its dev and test error, and each round's mean client train
 loss. Not checkpointed: a killed run starts again.
 """

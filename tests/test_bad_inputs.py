@@ -100,7 +100,7 @@ CASES = [
     ("results", [*RESULTS, "--set=train.num_steps=-5"], "num_steps"),
     ("results", [*RESULTS, "--set=episodes=3"], "section.field=value"),
     # The Flower launcher.
-    ("flower", ["--config=configs/federated.py:digits,smoke", "--config.method=l2t-fedgen",
+    ("flower", ["--config=configs/federated.py:digits,smoke", "--config.method=ce",
                 "--workdir={new}"], "does not run on Flower"),
     ("flower", ["--config=configs/federated.py:digits,smoke",
                 "--config.federated.clients_per_round=9", "--workdir={new}"],

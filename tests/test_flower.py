@@ -28,20 +28,26 @@ def in_process(config):
     return state, metrics
 
 
-def test_flower_rounds_give_the_in_process_global_model():
-    # FedGen: FedAvg's round plus the generator sent to the clients and trained on the
-    # server from their heads.
-    config = tiny("fedgen")
+def test_flower_rounds_give_the_in_process_global_model_generator_and_teacher():
+    # l2t-fedgen: FedAvg's round, FedGen's generator sent to the clients and trained on
+    # the server from their heads, and the loss teacher's meta-gradient from the clients'
+    # vector-Jacobian products.
+    config = tiny("l2t-fedgen")
     outcome = flower.run_simulation(config)
     expected, metrics = in_process(config)
-    assert int(outcome["state"].round) == 2
-    for got, want in zip(jax.tree_util.tree_leaves((outcome["state"].params,
-                                                    outcome["state"].generator)),
-                         jax.tree_util.tree_leaves((expected.params, expected.generator))):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    got, want = outcome["state"], expected
+    assert int(got.round) == 2
+    for name in ("params", "generator", "teacher"):
+        for a, b in zip(jax.tree_util.tree_leaves(getattr(got, name)),
+                        jax.tree_util.tree_leaves(getattr(want, name))):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name)
+    # The teacher moved (round 1's term has a weight, so a meta-gradient).
+    assert not np.allclose(got.teacher["theta"], 0.0)
     np.testing.assert_allclose(outcome["train_loss"], metrics["loss"], rtol=1e-5)
 
 
-def test_l2t_fedgen_is_refused_on_flower_in_one_line():
+def test_a_method_that_is_not_federated_is_refused_on_flower_in_one_line():
+    config = tiny("fedavg")
+    config.method = "ce"
     with pytest.raises(ConfigError, match="does not run on Flower"):
-        flower.check_supported(tiny("l2t-fedgen"))
+        flower.check_supported(config)

@@ -451,13 +451,23 @@ class FederatedRounds:
             `teacher_params`: exact through the K clients' E local steps and the
             average.
         """
+        new_server, clients, metrics = self.train_clients(
+            server, self.taught_weight(teacher_params, server), client_batches, weights,
+            client_rngs)
+        value, aux = self.server_objective(new_server, dev)
+        return value, (new_server, clients, metrics, aux)
+
+    def taught_weight(self, teacher_params, server: ServerState) -> jax.Array:
+        """The FedGen term's weight in round ``server.round`` under the loss teacher: a_r
+        times its multiplier at the round fraction."""
         features = jnp.stack([server.round / self.total_rounds]).astype(jnp.float32)
         multiplier = self.teacher.weights(teacher_params, features)["multiplier"]
-        new_server, clients, metrics = self.train_clients(
-            server, self.term_weight(server, multiplier), client_batches, weights, client_rngs)
-        objective = self.teacher_update.dev_objective_fn(self.model, dev)
-        value, aux = objective(None, self.student(new_server))
-        return value, (new_server, clients, metrics, aux)
+        return self.term_weight(server, multiplier)
+
+    def server_objective(self, server: ServerState, dev: dict):
+        """``(value, aux)``: the loss teacher's objective of the server's model on the
+        dev arrays (`TeacherUpdate.dev_objective_fn`)."""
+        return self.teacher_update.dev_objective_fn(self.model, dev)(None, self.student(server))
 
     def taught_round(self, server: ServerState, client_batches: dict, weights: jax.Array,
                      client_rngs: jax.Array, dev: dict):
