@@ -243,3 +243,15 @@ def test_l2t_fedgen_meta_gradient_matches_differences_and_a_loop_float64(x64):
         minus = jax.tree_util.tree_map(jnp.subtract, teacher, step)
         difference = (objective(plus) - objective(minus)) / (2 * eps)
         np.testing.assert_allclose(grad[name].sum(), difference, rtol=1e-5)
+
+
+def test_the_fedgen_paper_setting_runs_a_few_rounds_on_fake_mnist(tmp_path):
+    paper = federated_config.get_config("fedgen_mnist")
+    f = paper.federated
+    assert (paper.data.name, f.num_clients, f.clients_per_round, f.local_steps, f.alpha,
+            paper.train.batch_size, paper.train.num_steps) == ("mnist", 20, 10, 20, 0.1, 32, 200)
+    config = federated_config.get_config("fedgen_mnist,smoke")
+    config.method = "fedgen"
+    config.data.update(name="fake_mnist", dev_size=64)  # no network here
+    summary = train.train_and_evaluate(config, str(tmp_path))
+    assert summary["steps"] == 4 and 0 <= summary["test_error"] <= 100
