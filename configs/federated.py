@@ -20,8 +20,10 @@ A step of the driver is one round: `config.train.num_steps` rounds, evaluated ev
 defaults follow FedGen's MNIST setting (`../shared/specs/distillation.md`): 20 clients,
 Dirichlet alpha 0.1 over labels, 10 clients a round, 20 local steps of batch 32, SGD; the
 partition is fixed across training seeds (`config.federated.partition_seed`), as a
-federated benchmark's data split is. The network is an MLP whose last hidden layer is 32
-wide (FedGen's generator feeds that layer).
+federated benchmark's data split is. Half of the dev split is the server's validation
+split (`config.data.meta_dev_size`), which l2t-fedgen's loss teacher learns on; every
+method selects its round on the other half. The network is an MLP whose last hidden
+layer is 32 wide (FedGen's generator feeds that layer).
 """
 
 import ml_collections
@@ -73,6 +75,9 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
     ))
     # Devices: the round's clients on "population", each local batch on "data".
     config.mesh = ml_collections.ConfigDict(dict(population=1, data=1))
+    # The server's validation split, carved from the dev split: the loss teacher of
+    # l2t-fedgen learns on it, and every method selects its round on the rest.
+    config.data.meta_dev_size = config.data.dev_size // 2
     rounds = 200 if variant == "fedgen_mnist" else 100
     config.train.update(num_steps=rounds, batch_size=32, log_every=5, eval_every=10,
                         checkpoint_every=20)

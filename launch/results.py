@@ -585,8 +585,9 @@ GROUPS = {
         "l2t-dln-warm-descent-lr1", "l2t-dln-warm-descent-k600-lr1",
         "l2t-dln-bce-fixed-lr03", "l2t-dln-bce-proper-lr03"),
     "Federated (configs/federated.py: 20 clients, 10 a round, 20 local steps of batch 32, "
-    "100 rounds; an MLP 200-32; the server's model after the dev-selected round; -a1: "
-    "Dirichlet alpha 1.0 instead of 0.1)": ("fedavg", "fedgen", "l2t-fedgen", "fedavg-a1",
+    "100 rounds; an MLP 200-32; the server's model after the round selected on half the dev "
+    "split, the other half being the server's validation split; -a1: Dirichlet alpha 1.0 "
+    "instead of 0.1)": ("fedavg", "fedgen", "l2t-fedgen", "fedavg-a1",
                                           "fedgen-a1", "l2t-fedgen-a1"),
     "Transfer: the frozen loss of a run on another dataset (mnist_5k: digits with its MLP; "
     "mnist1d_cnn: mnist1d with its MLP), same noise and seed, on the student and schedule "

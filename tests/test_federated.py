@@ -252,6 +252,6 @@ def test_the_fedgen_paper_setting_runs_a_few_rounds_on_fake_mnist(tmp_path):
             paper.train.batch_size, paper.train.num_steps) == ("mnist", 20, 10, 20, 0.1, 32, 200)
     config = federated_config.get_config("fedgen_mnist,smoke")
     config.method = "fedgen"
-    config.data.update(name="fake_mnist", dev_size=64)  # no network here
+    config.data.update(name="fake_mnist", dev_size=64, meta_dev_size=32)  # no network here
     summary = train.train_and_evaluate(config, str(tmp_path))
     assert summary["steps"] == 4 and 0 <= summary["test_error"] <= 100
