@@ -7,8 +7,8 @@ network on MNIST-shaped inputs; synthetic data, every client holding 64 examples
 the size-weighted average:
 
 * ``federated_vmap``: the round as the method runs it, one jitted program;
-* ``federated_loop``: the same math as a Python loop: one jitted call of a client's local
-  training per client, then the jitted weighted average.
+* ``federated_loop``: the same math as a Python loop: one jitted call of the method's
+  `local_training` per client, then its jitted `averaged` (as the Flower server runs it).
 
 The two give the same global model (checked: rtol 1e-4, atol 1e-5) before timing. Records
 (`docs/federated.json`) follow the project layout plus ``clients`` (K) and
@@ -37,8 +37,7 @@ import optax
 
 from benchmarks._records import timing_record, write_records
 from benchmarks.remat import compile_timed, wall_times
-from l2t_jax import data, engine
-from l2t_jax.losses import cross_entropy_loss
+from l2t_jax import data
 from l2t_jax.methods.federated import FederatedRounds
 from l2t_jax.students.mlp import MLP
 
@@ -67,29 +66,20 @@ def make_round(num_clients: int, seed: int):
 
 
 def python_loop(loop: FederatedRounds, state, batches):
-    """The round's math, one jitted client at a time; returns the jitted pieces and a
-    function running the whole round."""
-    step_fn = engine.make_student_step(loop.model, cross_entropy_loss, loop.tx)
-
-    @jax.jit
-    def local_training(params, client_rng, own_batches):
-        client = engine.StudentState.create(params, client_rng, tx=loop.tx)
-        return engine.unroll(step_fn, None, client, own_batches)[0].params
-
-    @jax.jit
-    def average(weights, *clients):
-        return jax.tree_util.tree_map(
-            lambda *leaves: jnp.tensordot(weights, jnp.stack(leaves), axes=1), *clients)
-
-    _, round_rng, _ = jax.random.split(state.rng, 3)
-    client_rngs = jax.random.split(round_rng, loop.clients_per_round)
+    """A function running the round's math one jitted client at a time: the method's own
+    `local_training` per client, then its `averaged` (as the Flower server runs it)."""
+    local_training = jax.jit(loop.local_training)
+    averaged = jax.jit(loop.averaged)
+    _, client_rngs, _ = loop.round_keys(state)
     x = batches["x"].reshape(loop.clients_per_round, LOCAL_STEPS, BATCH, -1)
     y = batches["y"].reshape(loop.clients_per_round, LOCAL_STEPS, BATCH)
 
     def run():
-        clients = [local_training(state.params, client_rngs[k], {"x": x[k], "y": y[k]})
+        clients = [local_training(state, None, client_rngs[k], {"x": x[k], "y": y[k]})[0]
                    for k in range(loop.clients_per_round)]
-        return average(batches["weights"][0], *clients)
+        stacked = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *clients)
+        return averaged(state, stacked.params, stacked.model_state,
+                        batches["weights"][0]).params
 
     return run
 
